@@ -34,6 +34,7 @@ class DataConfig:
 
     name: str = "digits"
     path: Optional[str] = None
+    split: str = "train"  # cifar10: train | test
     resolution: int = 8
     channels: int = 1
     use_labels: bool = False
@@ -139,6 +140,7 @@ class SIMSConfig:
     eval_seed_offsets: List[int] = field(default_factory=lambda: [0, 100_000])
     features: str = "auto"  # auto | digits | identity | inception
     reference: Optional[str] = None  # .npz with mu/sigma; None: computed from the training data
+    inception_weights: Optional[str] = None  # local pt_inception-2015-12-05 file; never downloaded
 
 
 @dataclass

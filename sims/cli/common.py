@@ -1,0 +1,34 @@
+"""Shared CLI plumbing: one-line errors a user can act on (set SIMS_DEBUG=1 for the traceback)."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+
+
+def user_errors(prog: str):
+    """Decorate a ``main`` so expected failures (bad config, data, weights, NaN loss) print one line
+    ``PROG: error: ...`` and exit with status 2 instead of a traceback."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def main(argv=None):
+            logging.basicConfig(level=logging.INFO, format="[sims] %(message)s")
+            if not os.environ.get("SIMS_DEBUG"):
+                warnings.filterwarnings("ignore", module="lightning")
+                warnings.filterwarnings("ignore", category=UserWarning)
+                import lightning  # noqa: F401  (it sets its own log levels on import; override them after)
+
+                for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+                    logging.getLogger(name).setLevel(logging.WARNING)
+            try:
+                return fn(argv) or 0
+            except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, NotImplementedError) as exc:
+                if os.environ.get("SIMS_DEBUG"):
+                    raise
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                print(f"{prog}: error: {msg}", file=sys.stderr)
+                return 2
+        return main
+    return wrap

@@ -1,0 +1,194 @@
+"""The in-memory data set every real (and synthetic) training set is turned into.
+
+:class:`ArrayDataset` holds the whole data set as one float32 tensor: images ``[N, C, H, W]`` in
+[-1, 1] (EDM's convention, SPEC section 2) or low-dimensional points ``[N, d]``. The data sets this
+project trains on are small enough (CIFAR-10 train: 50,000 x 3 x 32 x 32 float32 = 614 MB) that a
+tensor beats per-item file I/O on a 2-core machine and keeps item ``i`` a pure function of ``i``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+class DatasetError(ValueError):
+    """A data set the user must fix: missing path, wrong image size, unreadable file, bad labels.
+
+    The message is one line that names the offending path/file and, where there is one, the
+    config key to change (e.g. ``data.path``, ``data.resolution``).
+    """
+
+
+class ArrayDataset(Dataset):
+    """A data set held in memory as one tensor, with optional integer class labels.
+
+    Args:
+        data: float tensor/array, images ``[N, C, H, W]`` in [-1, 1] or points ``[N, d]``
+            (converted to float32, not copied when already a contiguous float32 tensor).
+        labels: int class indices ``[N]`` (int64 after conversion), or None. They are stored even
+            when not returned (``label_dim == 0``) so evaluation can use them (class shares).
+        label_dim: length of the one-hot label vector that ``__getitem__`` returns; 0 means
+            "unconditional": ``__getitem__`` returns an empty ``zeros(0)`` label. None infers
+            ``labels.max() + 1`` when labels are given, else 0.
+        xflip: images only. Doubles the data set EDM-style: item ``i + N`` is item ``i`` mirrored
+            left-right (deterministic, so every item stays a pure function of its index).
+        name: a short description used in ``repr`` and messages.
+
+    ``__getitem__(i)`` returns ``(x, label)``: ``x`` float32 ``[C, H, W]`` or ``[d]``, ``label``
+    float32 one-hot ``[label_dim]`` (or ``[0]``), so the default DataLoader collate gives
+    ``([B, ...], [B, label_dim])``.
+
+    Raises:
+        ValueError: data not 2-D or 4-D, labels of the wrong shape/length, negative labels or
+            labels >= label_dim, label_dim > 0 without labels, xflip on non-image data.
+    """
+
+    def __init__(
+        self,
+        data: ArrayLike,
+        labels: Optional[ArrayLike] = None,
+        label_dim: Optional[int] = None,
+        xflip: bool = False,
+        name: str = "array",
+    ) -> None:
+        data = torch.as_tensor(data)
+        if data.dtype != torch.float32:
+            data = data.float()
+        if data.ndim not in (2, 4):
+            raise ValueError(f"data must be [N, C, H, W] images or [N, d] points, got shape {tuple(data.shape)}")
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+            labels = labels.long()
+            if labels.shape != (data.shape[0],):
+                raise ValueError(f"labels must have shape [{data.shape[0]}], got {tuple(labels.shape)}")
+            if labels.numel() and int(labels.min()) < 0:
+                raise ValueError("labels must be >= 0")
+        if label_dim is None:
+            label_dim = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
+        label_dim = int(label_dim)
+        if label_dim < 0:
+            raise ValueError(f"label_dim must be >= 0, got {label_dim}")
+        if label_dim > 0:
+            if labels is None:
+                raise ValueError(f"label_dim={label_dim} but the data set has no labels")
+            if labels.numel() and int(labels.max()) >= label_dim:
+                raise ValueError(f"label {int(labels.max())} does not fit label_dim={label_dim}")
+        if xflip and data.ndim != 4:
+            raise ValueError("xflip applies to images [N, C, H, W] only")
+        self.data: torch.Tensor = data
+        self.labels: Optional[torch.Tensor] = labels
+        self.label_dim: int = label_dim
+        self.xflip: bool = bool(xflip)
+        self.name: str = name
+
+    # ------------------------------------------------------------------ Dataset protocol
+    def __len__(self) -> int:
+        n = int(self.data.shape[0])
+        return 2 * n if self.xflip else n
+
+    def __getitem__(self, index: int):
+        n = int(self.data.shape[0])
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        flip = index >= n
+        i = index - n if flip else index
+        x = self.data[i]
+        if flip:
+            x = x.flip(-1)
+        if self.label_dim > 0:
+            label = torch.zeros(self.label_dim, dtype=torch.float32)
+            label[int(self.labels[i])] = 1.0  # type: ignore[index]
+        else:
+            label = torch.zeros(0, dtype=torch.float32)
+        return x, label
+
+    # ------------------------------------------------------------------ shape information
+    @property
+    def is_image(self) -> bool:
+        """True for ``[N, C, H, W]`` images, False for ``[N, d]`` points."""
+        return self.data.ndim == 4
+
+    @property
+    def resolution(self) -> Optional[int]:
+        """Image side H (= W for square images) in pixels; None for low-dimensional data."""
+        return int(self.data.shape[-1]) if self.is_image else None
+
+    @property
+    def channels(self) -> Optional[int]:
+        """Image channels C (1 grayscale, 3 RGB); None for low-dimensional data."""
+        return int(self.data.shape[1]) if self.is_image else None
+
+    @property
+    def dim(self) -> int:
+        """Number of values per item: C*H*W for images, d for points."""
+        return int(np.prod(self.data.shape[1:]))
+
+    @property
+    def item_shape(self) -> tuple:
+        """Shape of one item: ``(C, H, W)`` or ``(d,)``."""
+        return tuple(self.data.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the stored labels span (``labels.max() + 1``); 0 without labels."""
+        if self.labels is None or not self.labels.numel():
+            return max(self.label_dim, 0)
+        return max(self.label_dim, int(self.labels.max()) + 1)
+
+    # ------------------------------------------------------------------ derived data sets
+    def subset(self, indices: Union[Sequence[int], torch.Tensor, np.ndarray, slice]) -> "ArrayDataset":
+        """A new ArrayDataset of the items at ``indices`` of the stored data (not the x-flipped copies).
+
+        ``label_dim``, ``xflip`` and ``name`` carry over, so a subset of a conditional data set stays
+        conditional with the same one-hot width even if some classes are absent.
+        """
+        if isinstance(indices, slice):
+            data = self.data[indices]
+            labels = self.labels[indices] if self.labels is not None else None
+        else:
+            idx = torch.as_tensor(np.asarray(indices), dtype=torch.long).reshape(-1)
+            data = self.data[idx]
+            labels = self.labels[idx] if self.labels is not None else None
+        return ArrayDataset(data, labels, label_dim=self.label_dim, xflip=self.xflip, name=self.name)
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayDataset(name={self.name!r}, items={int(self.data.shape[0])}, shape={self.item_shape}, "
+            f"label_dim={self.label_dim}, xflip={self.xflip})"
+        )
+
+
+def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """Quantise images in [-1, 1] to uint8 pixels: ``clip(round(127.5 * x + 127.5), 0, 255)`` (SPEC section 4).
+
+    Args:
+        x: float tensor of any shape (typically ``[N, C, H, W]``), nominally in [-1, 1].
+    Returns:
+        uint8 tensor of the same shape.
+    """
+    return (x.float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8_images(pixels: ArrayLike) -> torch.Tensor:
+    """Map uint8 pixels ``p`` to float32 ``x = p / 127.5 - 1`` in [-1, 1] (the inverse of :func:`to_uint8_images`).
+
+    Args:
+        pixels: uint8 array/tensor of any shape.
+    Returns:
+        float32 tensor of the same shape.
+    """
+    t = torch.as_tensor(pixels)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels, got {t.dtype}")
+    out = t.to(torch.float32)
+    return out.div_(127.5).sub_(1.0)
