@@ -62,6 +62,7 @@ class NetworkConfig:
     attn_resolutions: List[int] = field(default_factory=lambda: [16])
     dropout: float = 0.13
     embedding_dim_mult: int = 4
+    adaptive_scale: bool = True  # noise embedding as scale-shift (FiLM); False: added (EDM's exact DDPM++)
     # MLP backbone
     hidden_dim: int = 256
     num_layers: int = 4
