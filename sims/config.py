@@ -97,6 +97,8 @@ class TrainConfig:
     log_every_steps: int = 50
     ckpt_every_kimg: float = 50.0
     grid_seeds: int = 64
+    eval_every_kimg: float = 0.0  # > 0: log the Fréchet distance (sims.features) of the EMA model this often
+    eval_num_samples: int = 1000
     wandb: bool = False
     progress_bar: bool = True
     deterministic: bool = False
@@ -155,6 +157,7 @@ class LoopConfig:
     generations: int = 5
     num_real: int = 1000
     num_synthetic: int = 1000
+    subsample_size: Optional[int] = None  # accumulate-subsample: training-set size (None: num_real)
     sampling_guidance: float = 0.0
     init: str = "scratch"  # scratch | previous
     seeds: List[int] = field(default_factory=lambda: [0])

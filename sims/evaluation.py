@@ -104,7 +104,7 @@ def evaluate_one(denoiser, seeds: Sequence[int], data_shape, label_dim: int, sam
             counts[:10] += torch.bincount(pred, minlength=10).double()
             counts[10] += float((conf >= threshold).sum())
             counts[11] += float(conf.sum())
-        if sum(len(k) for k in kept) < keep:
+        if keep > 0 and sum(len(k) for k in kept) < keep:
             kept.append(x)
     stats.all_reduce()
     if world > 1 and clf is not None:
@@ -116,7 +116,7 @@ def evaluate_one(denoiser, seeds: Sequence[int], data_shape, label_dim: int, sam
         total = float(counts[:10].sum())
         verdict = {"class_share": (counts[:10] / total).tolist(), "confident_fraction": float(counts[10]) / total,
                    "mean_confidence": float(counts[11]) / total, "threshold": threshold}
-    return stats, torch.cat(kept)[:keep], verdict
+    return stats, (torch.cat(kept)[:keep] if kept else torch.empty(0)), verdict
 
 
 def evaluate_grid(cfg, eval_dir: Path, dataset, base, aux, data_shape, label_dim: int, device) -> Dict[str, Any]:

@@ -32,7 +32,10 @@ log = logging.getLogger("sims")
 
 # Keys that may differ between the first run and a resumed one without changing the result.
 RUNTIME_KEYS = {"run_dir", "train.devices", "train.accelerator", "train.strategy", "train.num_nodes",
-                "train.progress_bar", "train.wandb", "data.num_workers", "sampler.batch_size"}
+                "train.progress_bar", "train.wandb", "data.num_workers", "sampler.batch_size",
+                # evaluation results are stored per ω, so the grid may grow or shrink between runs
+                "sims.omegas", "sims.enabled"}
+SIMS_STAGES = ("synthetic", "aux", "eval")
 
 
 def _flatten(d, prefix=""):
@@ -58,7 +61,10 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     if saved.exists():
         old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
         new = _flatten(to_container(cfg))
-        diff = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS and old.get(k) != new.get(k))
+        # Before any SIMS stage has run, its settings may still change (e.g. sims.enabled=true on a base run).
+        sims_free = not old.get("sims.enabled") and not any((run_dir / d).exists() for d in SIMS_STAGES)
+        diff = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS and old.get(k) != new.get(k)
+                      and not (sims_free and k.startswith("sims.")))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
             raise ConfigError(f"{run_dir} was made by a different config ({shown}); refusing to mix runs. "
@@ -72,11 +78,16 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int) -> L.Trainer:
+def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int, dataset=None) -> L.Trainer:
     """A Lightning Trainer for one stage: CSV (and optional offline wandb) logging, periodic
     ``last.ckpt`` checkpoints, progress bar, fp32 outside the backbone."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    from sims.cli.common import quiet_lightning
+
+    if not os.environ.get("SIMS_DEBUG"):
+        quiet_lightning()
 
     t = cfg.train
     loggers = [CSVLogger(str(stage_dir), name="logs", version="")]
@@ -89,13 +100,21 @@ def make_trainer(cfg: DictConfig, stage_dir: Path, max_steps: int) -> L.Trainer:
     ckpt_steps = steps_for_kimg(t.ckpt_every_kimg, t.batch_size)
     checkpoint = ModelCheckpoint(dirpath=str(stage_dir / "checkpoints"), save_last=True, save_top_k=0,
                                  every_n_train_steps=ckpt_steps)
+    callbacks = [checkpoint]
+    if t.eval_every_kimg > 0 and dataset is not None:
+        from sims.evaluation import make_extractor
+        from sims.training.callbacks import FDEvalCallback
+
+        _, extractor = make_extractor(cfg, dataset, torch.device("cpu"))
+        callbacks.append(FDEvalCallback(t.eval_every_kimg, t.eval_num_samples, extractor, dataset.data,
+                                        to_container(cfg.sampler), cfg.sampler.batch_size))
     strategy = t.strategy
     if strategy == "auto" and t.devices not in (1, "1") and t.accelerator == "cpu":
         strategy = "ddp"
     return L.Trainer(
         default_root_dir=str(stage_dir), max_steps=max_steps, max_epochs=-1, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=strategy, precision="32-true", logger=loggers,
-        callbacks=[checkpoint], enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        callbacks=callbacks, enable_progress_bar=t.progress_bar, enable_model_summary=False,
         log_every_n_steps=max(1, min(t.log_every_steps, max_steps)), gradient_clip_val=t.grad_clip,
         deterministic=t.deterministic, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=True)
 
@@ -111,12 +130,12 @@ def fit_stage(cfg: DictConfig, stage_dir: Path, module: EDMModule, dataset, tota
         log.info("%s: complete, skipping (delete %s to retrain)", stage_dir.name, stage_dir / "DONE")
         return weights
     max_steps = steps_for_kimg(total_kimg, cfg.train.batch_size)
-    trainer = make_trainer(cfg, stage_dir, max_steps)
+    trainer = make_trainer(cfg, stage_dir, max_steps, dataset)
     last = stage_dir / "checkpoints" / "last.ckpt"
     ckpt_path = str(last) if last.exists() else None
     if ckpt_path and trainer.is_global_zero:
         print(f"[sims] resuming {stage_dir.name} from {last}", flush=True)
-    dm = ArrayDataModule(dataset, cfg.train.batch_size, cfg.data.num_workers)
+    dm = ArrayDataModule(dataset, cfg.train.batch_size, cfg.data.num_workers, total_steps=max_steps)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if trainer.global_step < max_steps:
         raise RuntimeError(f"{stage_dir.name}: training stopped at step {trainer.global_step} of {max_steps}; "

@@ -8,6 +8,16 @@ import sys
 import warnings
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's INFO chatter (GPU available, tips) out of the output, if it is imported.
+
+    Lightning sets its loggers' levels when imported, so callers call this again after importing it.
+    """
+    if "lightning" in sys.modules:
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def user_errors(prog: str):
     """Decorate a ``main`` so expected failures (bad config, data, weights, NaN loss) print one line
     ``PROG: error: ...`` and exit with status 2 instead of a traceback."""
@@ -18,10 +28,7 @@ def user_errors(prog: str):
             if not os.environ.get("SIMS_DEBUG"):
                 warnings.filterwarnings("ignore", module="lightning")
                 warnings.filterwarnings("ignore", category=UserWarning)
-                import lightning  # noqa: F401  (it sets its own log levels on import; override them after)
-
-                for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-                    logging.getLogger(name).setLevel(logging.WARNING)
+                quiet_lightning()
             try:
                 return fn(argv) or 0
             except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, NotImplementedError) as exc:

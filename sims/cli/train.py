@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from omegaconf import OmegaConf
 
@@ -37,16 +38,17 @@ def main(argv=None) -> int:
     from sims.data import load_real_dataset
     from sims.pipeline import prepare_run_dir, train_base
 
+    start = time.time()
     run_dir = prepare_run_dir(cfg)
     dataset = load_real_dataset(cfg.data)
     weights = train_base(cfg, run_dir, dataset)
-    print(f"[sims] base model: {weights}", flush=True)
+    print(f"[sims] base model: {weights} ({(time.time() - start) / 60:.1f} min)", flush=True)
     if cfg.sims.enabled:
         from sims.sims_pipeline import run_sims
 
         report = run_sims(cfg, run_dir, dataset, weights)
         if report is not None:
-            print(f"[sims] report: {report}", flush=True)
+            print(f"[sims] report: {report} ({(time.time() - start) / 60:.1f} min in all)", flush=True)
     return 0
 
 
