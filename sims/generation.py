@@ -10,6 +10,7 @@ pixel = clip(round(127.5·x + 127.5), 0, 255).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -23,10 +24,18 @@ SAMPLER_KEYS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min"
 
 
 def dist_info() -> Tuple[int, int]:
-    """(rank, world_size) of the initialised ``torch.distributed`` group, else (0, 1)."""
+    """(rank, world_size) of the initialised ``torch.distributed`` group, else (launcher rank, 1).
+
+    Before the process group exists (Lightning's DDP launcher re-runs the command for ranks ≥ 1,
+    which join at their first ``fit``), the rank comes from the launcher's environment (``RANK``, or
+    ``NODE_RANK``/``LOCAL_RANK``) so that only rank 0 writes; the world size is 1 until then.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), 1
+    return int(env.get("NODE_RANK", 0)) * 1000 + int(env.get("LOCAL_RANK", 0)), 1
 
 
 def barrier() -> None:

@@ -140,8 +140,8 @@ def fit_stage(cfg: DictConfig, stage_dir: Path, module: EDMModule, dataset, tota
     if trainer.global_step < max_steps:
         raise RuntimeError(f"{stage_dir.name}: training stopped at step {trainer.global_step} of {max_steps}; "
                            "re-run the same command to resume")
+    trainer.save_checkpoint(str(last))  # collective: every rank calls it, rank 0 writes
     if trainer.is_global_zero:
-        trainer.save_checkpoint(str(last))
         export_denoiser(module, weights, stage=stage_dir.name)
         atomic_write_text(stage_dir / "DONE", f"steps={trainer.global_step}\n")
     barrier()

@@ -1,0 +1,103 @@
+"""Digits main job, timed and judged.
+
+Runs ``sims-train CONFIG run_dir=R`` (unless --skip-train), then ``sims-sample R --seeds 0-999``, and
+judges the 1,000 samples with a scikit-learn logistic regression trained on the real 8×8 digits:
+share labelled with confidence ≥ 0.5 (target ≥ 90%) and the share of every class (target ≥ 4%).
+Also reports the shipped CNN judge and, when the run has a SIMS evaluation, its report.
+
+    python benchmarks/digits_quality.py --run-dir runs/digits            # writes benchmarks/results/digits_quality.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_times(log: str) -> dict:
+    out = {}
+    for line in log.splitlines():
+        if line.startswith("[sims] base model:") and "min)" in line:
+            out["base_min"] = float(line.rsplit("(", 1)[1].split()[0])
+        if line.startswith("[sims] report:") and "min in all" in line:
+            out["total_min"] = float(line.rsplit("(", 1)[1].split()[0])
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/digits.yaml")
+    p.add_argument("--run-dir", default="runs/digits")
+    p.add_argument("--skip-train", action="store_true", help="judge an existing run")
+    p.add_argument("--out", default="benchmarks/results/digits_quality.json")
+    args = p.parse_args()
+
+    record: dict = {"config": args.config, "run_dir": args.run_dir}
+    if not args.skip_train:
+        cmd = ["sims-train", args.config, f"run_dir={args.run_dir}"]
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        record["train_command"] = " ".join(cmd)
+        record["train_wall_min"] = (time.time() - t0) / 60
+        record.update(stage_times(proc.stdout))
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-2000:])
+            return 1
+    samples = Path(args.run_dir) / "samples_0-999"
+    cmd = ["sims-sample", args.run_dir, "--seeds", "0-999", "--out", str(samples), "--grid",
+           str(Path(args.run_dir) / "samples_0-999.png")]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    record["sample_command"] = " ".join(cmd)
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    digits = load_digits()
+    clf = LogisticRegression(max_iter=5000).fit(digits.data / 16.0, digits.target)
+    x = np.stack([np.asarray(Image.open(samples / f"{s:06d}.png"), dtype=np.float64) for s in range(1000)])
+    proba = clf.predict_proba(x.reshape(len(x), -1) / 255.0)
+    conf, pred = proba.max(1), proba.argmax(1)
+    share = np.bincount(pred, minlength=10) / len(pred)
+    record["logreg"] = {"train_accuracy_on_real": float(clf.score(digits.data / 16.0, digits.target)),
+                        "confident_fraction@0.5": float((conf >= 0.5).mean()),
+                        "class_share": share.round(4).tolist(), "min_class_share": float(share.min()),
+                        "targets": {"confident_fraction@0.5": ">= 0.90", "min_class_share": ">= 0.04"}}
+    import torch
+
+    from sims.metrics import judge_digits
+
+    cnn = judge_digits(torch.from_numpy(x[:, None] / 127.5 - 1).float(), threshold=0.5)
+    record["cnn_judge"] = {"confident_fraction@0.5": cnn["confident_fraction"], "min_class_share": min(cnn["class_share"])}
+    report = Path(args.run_dir) / "eval" / "report.json"
+    if report.exists():
+        rep = json.loads(report.read_text())
+        record["sims"] = {k: rep[k] for k in ("base_fd_mean", "best_omega", "best_fd_mean", "relative_change",
+                                               "relative_change_per_set") if k in rep}
+        record["sims"]["summary"] = rep["summary"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    lr = record["logreg"]
+    print(f"| judge | confident (p >= 0.5) | min class share |\n|---|---|---|\n"
+          f"| logistic regression | {lr['confident_fraction@0.5']:.3f} | {lr['min_class_share']:.3f} |\n"
+          f"| shipped CNN | {cnn['confident_fraction']:.3f} | {min(cnn['class_share']):.3f} |")
+    for k in ("train_wall_min", "base_min", "total_min"):
+        if k in record:
+            print(f"{k}: {record[k]:.1f}")
+    if "sims" in record:
+        s = record["sims"]
+        print(f"SIMS: best omega {s.get('best_omega')}, FD {s.get('best_fd_mean'):.4g} vs base {s.get('base_fd_mean'):.4g} "
+              f"({s.get('relative_change', 0) * 100:+.1f}%; per set {[round(c * 100, 1) for c in s.get('relative_change_per_set', [])]})")
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
