@@ -41,20 +41,20 @@ def main() -> int:
 
     record: dict = {"config": args.config, "run_dir": args.run_dir}
     if not args.skip_train:
-        cmd = ["sims-train", args.config, f"run_dir={args.run_dir}"]
+        cmd = [sys.executable, "-m", "sims.cli.train", args.config, f"run_dir={args.run_dir}"]
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        record["train_command"] = " ".join(cmd)
+        record["train_command"] = " ".join(["sims-train", *cmd[3:]])
         record["train_wall_min"] = (time.time() - t0) / 60
         record.update(stage_times(proc.stdout))
         if proc.returncode != 0:
             print(proc.stdout[-2000:], proc.stderr[-2000:])
             return 1
     samples = Path(args.run_dir) / "samples_0-999"
-    cmd = ["sims-sample", args.run_dir, "--seeds", "0-999", "--out", str(samples), "--grid",
+    cmd = [sys.executable, "-m", "sims.cli.sample", args.run_dir, "--seeds", "0-999", "--out", str(samples), "--grid",
            str(Path(args.run_dir) / "samples_0-999.png")]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    record["sample_command"] = " ".join(cmd)
+    record["sample_command"] = " ".join(["sims-sample", *cmd[3:]])
 
     from PIL import Image
     from sklearn.datasets import load_digits

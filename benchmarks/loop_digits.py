@@ -27,9 +27,10 @@ def main() -> int:
     p.add_argument("--name", default="loop_digits")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    cmd = ["sims-train", args.config, f"run_dir={args.run_dir}", *args.overrides]
+    cmd = [sys.executable, "-m", "sims.cli.train", args.config, f"run_dir={args.run_dir}", *args.overrides]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT)
+    cmd = ["sims-train", *cmd[3:]]
     wall = (time.time() - t0) / 60
     if proc.returncode != 0:
         return proc.returncode

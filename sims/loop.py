@@ -74,7 +74,7 @@ from sims.data.workflows import (
     keeps_history,
     required_real,
 )
-from sims.utils import atomic_write, atomic_write_json, atomic_write_text
+from sims.utils import atomic_write, atomic_write_json, atomic_write_text, flatten_dict
 
 log = logging.getLogger("sims.loop")
 
@@ -345,24 +345,13 @@ def _settings(cfg: DictConfig) -> _Settings:
                      positive("num_synthetic"), seeds, str(lp.init), sub)
 
 
-def _flatten(d: Mapping, prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def hashed_config(cfg: DictConfig, config_keys: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The flattened config entries a run's results depend on (dotted key -> value).
 
     ``config_keys`` selects sections/keys (None: all); cosmetic keys (run_dir, logging, data
     loader workers, sampler batch size, loop.enabled) are always left out.
     """
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg))
+    flat = flatten_dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg))
     keep = {}
     for key, value in flat.items():
         if key in _COSMETIC_KEYS:

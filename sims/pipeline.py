@@ -26,7 +26,7 @@ from sims.generation import barrier, dist_info, sample_seeds, save_sample_figure
 from sims.training.datamodule import ArrayDataModule
 from sims.training.export import export_denoiser, load_denoiser
 from sims.training.module import EDMModule, steps_for_kimg
-from sims.utils import atomic_write_text
+from sims.utils import atomic_write_text, flatten_dict
 
 log = logging.getLogger("sims")
 
@@ -36,17 +36,6 @@ RUNTIME_KEYS = {"run_dir", "train.devices", "train.accelerator", "train.strategy
                 # evaluation results are stored per ω, so the grid may grow or shrink between runs
                 "sims.omegas", "sims.enabled"}
 SIMS_STAGES = ("synthetic", "aux", "eval")
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def prepare_run_dir(cfg: DictConfig) -> Path:
@@ -59,8 +48,8 @@ def prepare_run_dir(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "config.yaml"
     if saved.exists():
-        old = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
-        new = _flatten(to_container(cfg))
+        old = flatten_dict(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+        new = flatten_dict(to_container(cfg))
         # Before any SIMS stage has run, its settings may still change (e.g. sims.enabled=true on a base run).
         sims_free = not old.get("sims.enabled") and not any((run_dir / d).exists() for d in SIMS_STAGES)
         diff = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS and old.get(k) != new.get(k)
@@ -164,17 +153,15 @@ def train_base(cfg: DictConfig, run_dir: Path, dataset) -> Path:
     return weights
 
 
-def write_grid(cfg: DictConfig, weights: Path, path: Path, dataset=None, guided=None) -> Optional[Path]:
+def write_grid(cfg: DictConfig, weights: Path, path: Path, dataset=None) -> Optional[Path]:
     """Sample ``train.grid_seeds`` seeds (0, 1, ...) from exported weights and save a picture (rank 0)."""
     if dist_info()[0] != 0 or path.exists():
         return None
     denoiser, meta = load_denoiser(weights)
-    seeds = list(range(cfg.train.grid_seeds if meta["data_shape"].__len__() == 3 else 2000))
-    x, _ = sample_seeds(guided or denoiser, seeds, meta["data_shape"], label_dim=int(meta["label_dim"]),
+    is_image = len(meta["data_shape"]) == 3
+    seeds = list(range(cfg.train.grid_seeds if is_image else 2000))  # vectors: a scatter plot of 2,000
+    x, _ = sample_seeds(denoiser, seeds, meta["data_shape"], label_dim=int(meta["label_dim"]),
                         sampler=to_container(cfg.sampler))
-    ref = dataset.data[:2000] if dataset is not None and x.ndim == 2 else None
+    ref = dataset.data[:2000] if dataset is not None and not is_image else None
     return save_sample_figure(x, path, reference=ref, title=path.parent.name)
 
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List, Mapping
 
 
 def _current_umask() -> int:
@@ -72,3 +72,15 @@ def parse_seeds(spec: str) -> List[int]:
     if min(seeds) < 0:
         raise ValueError(f"seeds must be >= 0, got {spec!r}")
     return seeds
+
+
+def flatten_dict(d: Mapping, prefix: str = "") -> Dict[str, Any]:
+    """Nested mapping -> {"a.b.c": value} (lists are values)."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_dict(v, key + "."))
+        else:
+            out[key] = v
+    return out
