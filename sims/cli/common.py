@@ -31,10 +31,13 @@ def user_errors(prog: str):
                 quiet_lightning()
             try:
                 return fn(argv) or 0
-            except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, NotImplementedError) as exc:
+            except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError, ImportError,
+                    NotImplementedError) as exc:
                 if os.environ.get("SIMS_DEBUG"):
                     raise
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if type(exc) is RuntimeError:  # not one of ours: say how to see where it came from
+                    msg += " (set SIMS_DEBUG=1 for the traceback)"
                 print(f"{prog}: error: {msg}", file=sys.stderr)
                 return 2
         return main
