@@ -22,7 +22,7 @@ from sims.generation import sample_seeds
 from sims.training.module import build_denoiser
 
 CONFIGS = {
-    "digits": dict(shape=(1, 8, 8), batch=500, steps=18,
+    "digits": dict(shape=(1, 8, 8), batch=100, steps=18,
                    net=dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)),
     "cifar10": dict(shape=(3, 32, 32), batch=8, steps=4,
                     net=dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13)),
@@ -45,7 +45,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--cifar-batch", type=int, default=None, help="batch for the CIFAR-10 config (GPU: e.g. 256)")
     p.add_argument("--out", default="benchmarks/results/sampling_throughput.json")
     args = p.parse_args()

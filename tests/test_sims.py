@@ -106,7 +106,7 @@ def test_seed_sets_must_be_disjoint(tmp_path):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("digits") / "run"
-    run_cli("sims.cli.train", *DIGITS_ARGS, f"run_dir={run}", "sims.enabled=false")
+    run_cli("sims.cli.train", *DIGITS_ARGS, f"run_dir={run}")
     return run
 
 
