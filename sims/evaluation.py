@@ -45,6 +45,12 @@ def features_of(extractor, x: torch.Tensor, device, batch_size: int = 1000) -> t
     return torch.cat(out)
 
 
+def real_statistics(extractor, data: torch.Tensor, device) -> Tuple[Tuple[np.ndarray, np.ndarray], torch.Tensor]:
+    """Features of the real data and their statistics: ((mu [D], sigma [D, D]), features [N, D])."""
+    feats = features_of(extractor, data, device)
+    return FeatureStats(feats.shape[1]).update(feats).mean_cov(), feats
+
+
 def reference(cfg, eval_dir: Path, extractor, dataset, device) -> Tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Reference statistics (mu, sigma) and real features for precision/recall.
 
@@ -54,13 +60,11 @@ def reference(cfg, eval_dir: Path, extractor, dataset, device) -> Tuple[np.ndarr
     Raises:
         ValueError: reference statistics with another feature dimension than the extractor's.
     """
-    real = features_of(extractor, dataset.data, device)
+    (mu, sigma), real = real_statistics(extractor, dataset.data, device)
     if cfg.sims.reference:
         mu, sigma = load_npz(cfg.sims.reference)
         check_feature_dim(mu, real.shape[1], source=f"reference statistics {cfg.sims.reference}")
     else:
-        stats = FeatureStats(real.shape[1]).update(real)
-        mu, sigma = stats.mean_cov()
         if dist_info()[0] == 0:
             save_npz(eval_dir / "reference.npz", mu, sigma)
     return np.asarray(mu), np.asarray(sigma), real

@@ -134,13 +134,12 @@ class DiffusionLoopModel:
     def evaluate(self, samples: np.ndarray, *, seed: int) -> Mapping[str, Any]:
         """Fréchet distance (``sims.features``, digits features on digits), precision and recall (k = 5)
         of the samples against the whole real data set."""
-        from sims.evaluation import features_of, make_extractor
+        from sims.evaluation import features_of, make_extractor, real_statistics
         from sims.metrics import FeatureStats, frechet_distance, precision_recall
 
         if self._extractor is None:
             _, self._extractor = make_extractor(self.cfg, self.real, self.device)
-            real = features_of(self._extractor, self.real.data, self.device)
-            self._reference = (FeatureStats(real.shape[1]).update(real).mean_cov(), real)
+            self._reference = real_statistics(self._extractor, self.real.data, self.device)
         (mu_r, sigma_r), real = self._reference
         fake = features_of(self._extractor, torch.from_numpy(np.asarray(samples, dtype=np.float32)), self.device)
         mu, sigma = FeatureStats(fake.shape[1]).update(fake).mean_cov()

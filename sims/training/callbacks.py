@@ -42,11 +42,9 @@ class FDEvalCallback(L.Callback):
 
     def _reference(self, device):
         if self._ref is None:
-            from sims.evaluation import features_of
-            from sims.metrics import FeatureStats
+            from sims.evaluation import real_statistics
 
-            feats = features_of(self.extractor, self.real, device)
-            self._ref = (FeatureStats(feats.shape[1]).update(feats).mean_cov(), feats)
+            self._ref = real_statistics(self.extractor, self.real, device)
         return self._ref
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
