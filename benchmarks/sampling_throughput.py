@@ -22,7 +22,7 @@ from sims.generation import sample_seeds
 from sims.training.module import build_denoiser
 
 CONFIGS = {
-    "digits": dict(shape=(1, 8, 8), batch=100, steps=18,
+    "digits": dict(shape=(1, 8, 8), batch=500, steps=18,
                    net=dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)),
     "cifar10": dict(shape=(3, 32, 32), batch=8, steps=4,
                     net=dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13)),
