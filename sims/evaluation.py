@@ -60,11 +60,12 @@ def reference(cfg, eval_dir: Path, extractor, dataset, device) -> Tuple[np.ndarr
     Raises:
         ValueError: reference statistics with another feature dimension than the extractor's.
     """
-    (mu, sigma), real = real_statistics(extractor, dataset.data, device)
-    if cfg.sims.reference:
+    real = features_of(extractor, dataset.data, device)
+    if cfg.sims.reference:  # the given statistics replace the data's: no covariance of the real features needed
         mu, sigma = load_npz(cfg.sims.reference)
         check_feature_dim(mu, real.shape[1], source=f"reference statistics {cfg.sims.reference}")
     else:
+        mu, sigma = FeatureStats(real.shape[1]).update(real).mean_cov()
         if dist_info()[0] == 0:
             save_npz(eval_dir / "reference.npz", mu, sigma)
     return np.asarray(mu), np.asarray(sigma), real
@@ -188,8 +189,8 @@ def evaluate_grid(cfg, eval_dir: Path, dataset, base, aux, data_shape, label_dim
                       f"recall={row['recall']:.3f}", flush=True)
     barrier()
     report = summarize(cfg, results, fname)
-    report["real_resample_fd"] = resample_floor(real_feats, mu_r, sigma_r, n)
-    if rank == 0:
+    if rank == 0:  # only rank 0 writes the report: the other ranks need not pay for the floor
+        report["real_resample_fd"] = resample_floor(real_feats, mu_r, sigma_r, n)
         if not samples_for_grid or 0.0 not in samples_for_grid:
             samples_for_grid = _grid_samples(cfg, base, aux, data_shape, label_dim, device, report)
         write_report(eval_dir, report, samples_for_grid)
