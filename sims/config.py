@@ -158,6 +158,7 @@ class LoopConfig:
     num_real: int = 1000
     num_synthetic: int = 1000
     subsample_size: Optional[int] = None  # accumulate-subsample: training-set size (None: num_real)
+    num_eval: Optional[int] = None  # samples evaluated per generation (None: the synthetic data itself)
     sampling_guidance: float = 0.0
     init: str = "scratch"  # scratch | previous
     seeds: List[int] = field(default_factory=lambda: [0])

@@ -10,7 +10,9 @@ One *generation* t = 1..G of one *stream* (workflow, method, seed batch):
 3. ``model.sample(num_synthetic, seed=...)``: the synthetic data of generation t (which the
    next generation may train on), stored as ``npz`` (atomic temp + rename);
 4. ``model.evaluate(samples, seed=...)`` -> metrics, recorded as the unit
-   (workflow, method, seed, generation) in the manifest.
+   (workflow, method, seed, generation) in the manifest. ``samples`` is the synthetic data of
+   step 3, or, with ``loop.num_eval`` set, that many further samples of the same model (a
+   sample-based metric such as FD then has the same finite-sample bias whatever ``num_synthetic``).
 
 Workflows: Gerstgrasser et al. 2024 "Is Model Collapse Inevitable?" (replace, accumulate);
 Kazdan, Schaeffer et al. 2025 "Collapse or Thrive?", arXiv 2410.16713 (accumulate-subsample);
@@ -25,6 +27,7 @@ real data                 ``derive_seed(seed, "real")``
 evaluation (test sets)    ``derive_seed(seed, "eval")`` (same for every generation)
 fit (e.g. init, aux)      ``derive_seed(seed, "fit", t)``
 sampling                  ``derive_seed(seed, "sample", t)``
+evaluation samples        ``derive_seed(seed, "eval-sample")`` (``loop.num_eval``; same for every generation)
 subset draw               ``derive_seed(seed, "subsample", workflow, t)``
 ========================  =====================================================
 
@@ -38,6 +41,8 @@ Run directory (created by :func:`run_loop`)::
     manifest.json                      format, config hash, hashed config, completed units
     config.yaml                        resolved config (written if absent)
     synthetic/<wf>/<method>/<batch>/gen003.npz   samples [S, n_s, ...] + seeds  (gen 1: _shared/)
+    samples/<wf>/<method>/<batch>/gen003.png     grid of 100 synthetic images / 2-D scatter
+                                                 (models with ``sample_figures = True``: diffusion)
     models/<wf>/<method>/<batch>/gen003/         model workdir (gen 1: _shared/)
     units/<wf>/<method>/<batch>/gen003.json      metrics of the unit (per seed)
     metrics.csv, metrics.json, plots/<metric>.png
@@ -197,7 +202,8 @@ class GenerativeModel(Protocol):
         """``num`` samples of the fitted model ([num, ...]; batched [S, num, ...])."""
 
     def evaluate(self, samples: np.ndarray, *, seed: Any) -> Mapping[str, Any]:
-        """Metrics of the fitted model; ``samples`` are the ones just drawn by :meth:`sample`."""
+        """Metrics of the fitted model; ``samples`` were just drawn by :meth:`sample` (the synthetic
+        data, or ``loop.num_eval`` samples with their own seed)."""
 
 
 class Distributed(Protocol):
@@ -305,6 +311,7 @@ class _Settings:
     seeds: Tuple[int, ...]
     init: str
     subsample_size: Optional[int]
+    num_eval: Optional[int]
 
 
 def _settings(cfg: DictConfig) -> _Settings:
@@ -341,8 +348,11 @@ def _settings(cfg: DictConfig) -> _Settings:
     sub = lp.get("subsample_size", None)
     if sub is not None and (not isinstance(sub, int) or sub < 1):
         raise LoopError(f"loop.subsample_size must be a positive integer or null, got {sub!r}")
+    num_eval = lp.get("num_eval", None)
+    if num_eval is not None:
+        num_eval = positive("num_eval")
     return _Settings(str(lp.model), workflows, methods, positive("generations"), positive("num_real"),
-                     positive("num_synthetic"), seeds, str(lp.init), sub)
+                     positive("num_synthetic"), seeds, str(lp.init), sub, num_eval)
 
 
 def hashed_config(cfg: DictConfig, config_keys: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -456,6 +466,9 @@ class _RunDir:
     def workdir(self, workflow: str, method: str, seeds: Sequence[int], generation: int) -> Path:
         return self._base("models", workflow, method, seeds, generation) / f"gen{generation:03d}"
 
+    def figure(self, workflow: str, method: str, seeds: Sequence[int], generation: int) -> Path:
+        return self._base("samples", workflow, method, seeds, generation) / f"gen{generation:03d}.png"
+
     def unit(self, workflow: str, method: str, seeds: Sequence[int], generation: int) -> Path:
         return self.root / "units" / workflow / method / batch_name(seeds) / f"gen{generation:03d}.json"
 
@@ -524,7 +537,8 @@ def run_loop(
         cfg: a :class:`sims.config.RunConfig` DictConfig (``load_config``). Reads ``cfg.loop``:
             model, workflows, methods, generations (G), num_real (n_r), num_synthetic (n_s),
             seeds, init, and optionally ``subsample_size`` (m of accumulate-subsample, default
-            n_r); model settings are read by the model's factory.
+            n_r) and ``num_eval`` (samples drawn for the metrics of each generation; default:
+            the generation's n_s synthetic samples); model settings are read by the model's factory.
         run_dir: output directory (default ``cfg.run_dir``).
         model: use this model instead of ``make_model(cfg)`` (the config hash still uses the
             registry entry of ``cfg.loop.model`` if there is one).
@@ -663,8 +677,17 @@ def _run_stream(runner: _Runner, rd: _RunDir, manifest: dict, st: _Settings, wor
                 _save_npz(syn_path, samples=samples, seeds=np.asarray(seeds, dtype=np.int64),
                           generation=np.asarray(t))
             dist.barrier()
+        if dist.rank == 0 and getattr(runner.model, "sample_figures", False):
+            fig = rd.figure(workflow, method, seeds, t)
+            if not fig.is_file():
+                _sample_figure(samples[0], real_all[0, :n_r], fig, f"{workflow}/{method} generation {t}")
         hook("sample")
-        metrics = runner.evaluate(samples, eval_seeds)
+        if st.num_eval is None:
+            metrics = runner.evaluate(samples, eval_seeds)
+        else:
+            # the same seeds in every generation: common random numbers for the comparison across generations
+            metrics = runner.evaluate(runner.sample(st.num_eval, [derive_seed(s, "eval-sample") for s in seeds]),
+                                      eval_seeds)
         hook("evaluate")
         if dist.rank == 0:
             record = {
@@ -688,6 +711,18 @@ def _run_stream(runner: _Runner, rd: _RunDir, manifest: dict, st: _Settings, wor
             log.info("%s/%s %s generation %d/%d: %s", workflow, method, batch_name(seeds), t, G, summary)
         if t < G:
             pool.add(t, samples)
+
+
+def _sample_figure(samples: np.ndarray, real: np.ndarray, path: Path, title: str) -> None:
+    """A grid of the first 100 images, or a scatter of 2-D samples over the real points (first seed)."""
+    import torch
+
+    from sims.generation import save_sample_figure
+
+    if samples.ndim == 4:
+        save_sample_figure(torch.from_numpy(np.ascontiguousarray(samples[:100])), path)
+    elif samples.ndim == 2 and samples.shape[1] >= 2:
+        save_sample_figure(torch.from_numpy(samples[:, :2]), path, reference=real[:, :2], title=title)
 
 
 def _load_synthetic(path: Path, seeds: Sequence[int], num: int) -> np.ndarray:
@@ -740,11 +775,13 @@ def collect_rows(run_dir: Union[str, Path], st: Optional[_Settings] = None) -> L
     for key in sorted(groups, key=lambda k: (wf_order.get(k[0], 99), k[0], me_order.get(k[1], 99), k[1], k[2])):
         per_seed = sorted(groups[key], key=lambda r: r["seed"])
         rows.extend(per_seed)
-        rows.extend(_aggregate(per_seed))
+        rows.extend(aggregate_rows(per_seed))
     return rows
 
 
-def _aggregate(per_seed: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def aggregate_rows(per_seed: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The ``mean``, ``std`` and ``ci95`` (Student t, 95%) rows of one (generation, workflow, method)
+    from its per-seed rows (std and ci95 are NaN for one seed)."""
     base = {k: per_seed[0][k] for k in ("generation", "workflow", "method")}
     base["train_size"] = int(round(np.mean([r["train_size"] for r in per_seed])))  # equal for all seeds
     base["real_fraction"] = float(np.mean([r["real_fraction"] for r in per_seed]))  # mean over seeds
@@ -841,6 +878,7 @@ def _write_metrics_json(rows: List[Dict[str, Any]], path: Path, manifest: Mappin
     out: Dict[str, Any] = {
         "format": MANIFEST_FORMAT, "config_hash": manifest["config_hash"], "model": st.model,
         "generations": st.generations, "num_real": st.num_real, "num_synthetic": st.num_synthetic,
+        "num_eval": st.num_eval if st.num_eval is not None else st.num_synthetic,
         "seeds": list(st.seeds), "metrics": metrics, "series": {},
     }
     for metric in metrics:

@@ -38,6 +38,7 @@ class DiffusionLoopModel:
 
     batched = False
     supported_methods = ("standard", "sims")
+    sample_figures = True  # the driver saves samples/<wf>/<method>/<seed>/genNNN.png
 
     def __init__(self, cfg: DictConfig):
         from sims.sims_pipeline import device_for

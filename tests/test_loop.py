@@ -394,6 +394,36 @@ def test_finite_real_data_and_registered_model(tmp_path, monkeypatch):
     assert [(r["train_size"], r["real_fraction"]) for r in fresh] == [(40, 1.0), (50, 0.8), (50, 0.8)]
 
 
+class _EvalRecorder(_FiniteModel):
+    def __init__(self):
+        super().__init__()
+        self.evaluated = []
+
+    def evaluate(self, samples, *, seed):
+        self.evaluated.append(np.array(samples))
+        return super().evaluate(samples, seed=seed)
+
+
+def test_num_eval_draws_its_own_samples_for_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setitem(_REGISTRY, "diffusion", _REGISTRY["gaussian"])
+    model = _EvalRecorder()
+    register_model("diffusion", lambda cfg: model)
+    args = ("loop.model=diffusion", "loop.workflows=[accumulate]", "loop.num_real=40", "loop.num_synthetic=10",
+            "loop.generations=2", "loop.seeds=[4]")
+    run_loop(_gauss(*args), tmp_path / "default", plots=False)
+    syn = [np.load(p)["samples"][0] for p in sorted((tmp_path / "default" / "synthetic").glob("**/*.npz"))]
+    assert [e.shape for e in model.evaluated] == [(10, 1), (10, 1)]  # default: the synthetic data itself
+    assert all(np.array_equal(a, b) for a, b in zip(model.evaluated, syn))
+    model.evaluated.clear()
+    res = run_loop(_gauss(*args, "loop.num_eval=25"), tmp_path / "r", plots=False)
+    assert [e.shape for e in model.evaluated] == [(25, 1), (25, 1)]
+    # the evaluation samples have their own seed: not the synthetic data the next generation trains on
+    assert not np.allclose(model.evaluated[0][:10], syn[0])
+    assert json.loads(res.metrics_json.read_text())["num_eval"] == 25
+    with pytest.raises(LoopError, match="loop.num_eval must be a positive integer"):
+        run_loop(_gauss(*args, "loop.num_eval=0"), tmp_path / "bad")
+
+
 # ------------------------------------------------------------------------------------ outputs
 
 

@@ -19,7 +19,7 @@ def _rows(path):
 
 def test_diffusion_loop_standard_vs_sims(tmp_path):
     run = tmp_path / "loop"
-    run_cli("sims.cli.train", *LOOP_TOY, f"run_dir={run}")
+    run_cli("sims.cli.train", *LOOP_TOY, "loop.num_eval=200", f"run_dir={run}")
     rows = _rows(run / "metrics.csv")
     per_seed = [r for r in rows if r["seed"] == "0"]
     assert {(r["workflow"], r["method"], r["generation"]) for r in per_seed} == {
@@ -32,12 +32,16 @@ def test_diffusion_loop_standard_vs_sims(tmp_path):
     # generation 2 has four different training sets: four more.
     bases = [p for p in (run / "models" / "_bases").iterdir() if (p / "DONE").exists()]
     assert len(bases) == 5
-    assert (run / "plots" / "fd.png").exists() and (run / "metrics.json").exists()
+    assert (run / "plots" / "fd.png").exists() and json.loads((run / "metrics.json").read_text())["num_eval"] == 200
+    # a sample figure per generation and stream (generation 1 shared by the workflows)
+    figures = sorted(str(p.relative_to(run / "samples")) for p in (run / "samples").glob("**/*.png"))
+    assert figures == sorted([f"_shared/{m}/seed0/gen001.png" for m in ("standard", "sims")]
+                             + [f"{w}/{m}/seed0/gen002.png" for w in ("replace", "accumulate") for m in ("standard", "sims")])
     # SIMS streams fine-tuned an auxiliary model in every generation
     assert len(list((run / "models").glob("**/aux/ema.safetensors"))) == 3  # gen 1 shared + gen 2 x 2 workflows
     # a re-run of a finished loop does no work and changes nothing
     before = (run / "metrics.csv").read_text()
-    run_cli("sims.cli.train", *LOOP_TOY, f"run_dir={run}")
+    run_cli("sims.cli.train", *LOOP_TOY, "loop.num_eval=200", f"run_dir={run}")
     assert (run / "metrics.csv").read_text() == before
 
 
