@@ -25,21 +25,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def control_rows(config: str, run_dir: str, overrides) -> list:
+def control_rows(cfg) -> list:
     """Real-data-only models, one per (seed, generation) with the loop's fit seed; resumable (one JSON each)."""
-    from sims.config import load_config
     from sims.loop import derive_seed
     from sims.loop_diffusion import DiffusionLoopModel
     from sims.utils import atomic_write_json
 
-    cfg = load_config(ROOT / config, [f"run_dir={run_dir}", *overrides])
     model = DiffusionLoopModel(cfg)
     n_eval = cfg.loop.num_eval or cfg.loop.num_synthetic
     rows = []
     for seed in cfg.loop.seeds:
         real = model.real_data(int(cfg.loop.num_real), seed=derive_seed(seed, "real"))
         for t in range(1, int(cfg.loop.generations) + 1):
-            out = Path(run_dir) / "control" / f"seed{seed}" / f"gen{t:03d}.json"
+            out = Path(cfg.run_dir) / "control" / f"seed{seed}" / f"gen{t:03d}.json"
             if not out.exists():
                 model.fit(real, generation=t, seed=derive_seed(seed, "fit", t), workdir=out.parent / f"gen{t:03d}")
                 samples = model.sample(n_eval, seed=derive_seed(seed, "eval-sample"))
@@ -49,35 +47,28 @@ def control_rows(config: str, run_dir: str, overrides) -> list:
     return rows
 
 
-def settings_is_digits(config: str, overrides) -> bool:
-    from sims.config import load_config
-
-    return load_config(ROOT / config, ["run_dir=x", *overrides]).data.name == "digits"
-
-
-def synthetic_table(config: str, run_dir: str, overrides) -> list:
+def synthetic_table(cfg) -> list:
     """Markdown rows describing each generation's stored synthetic data (first seed): share the shipped digit
     classifier judges with p >= 0.9, class shares' total-variation distance from uniform, and the median L2
     distance to the nearest real digit (real-to-real leave-one-out median in the header)."""
     import numpy as np
     import torch
 
-    from sims.config import load_config
     from sims.data import load_real_dataset
     from sims.metrics import judge_digits
 
-    cfg = load_config(ROOT / config, [f"run_dir={run_dir}", *overrides])
+    synthetic = Path(cfg.run_dir) / "synthetic"
     real = load_real_dataset(cfg.data).data.flatten(1).double()
     d = torch.cdist(real, real)
     d.fill_diagonal_(float("inf"))
     lines = ["| synthetic data | p ≥ 0.9 | class shares (min–max) | TV from uniform | median L2 to nearest real "
              f"(real–real {d.min(1).values.median():.2f}) |", "|---|---|---|---|---|"]
-    for path in sorted(Path(run_dir, "synthetic").glob("**/gen*.npz")):
+    for path in sorted(synthetic.glob("**/gen*.npz")):
         x = torch.from_numpy(np.load(path)["samples"][0]).float()
         j = judge_digits(x, threshold=0.9)
         share = np.asarray(j["class_share"])
         nn = torch.cdist(x.flatten(1).double(), real).min(1).values.median()
-        lines.append(f"| {path.relative_to(Path(run_dir, 'synthetic'))} | {j['confident_fraction']:.3f} | "
+        lines.append(f"| {path.relative_to(synthetic)} | {j['confident_fraction']:.3f} | "
                      f"{share.min():.2f}–{share.max():.2f} | {0.5 * np.abs(share - 0.1).sum():.3f} | {nn:.2f} |")
     return lines
 
@@ -96,13 +87,15 @@ def main() -> int:
     cmd = ["sims-train", *cmd[3:]]
     if proc.returncode != 0:
         return proc.returncode
+    from sims.config import load_config
     from sims.loop import aggregate_rows, plot_metrics, read_metrics_csv
 
+    cfg = load_config(ROOT / args.config, [f"run_dir={args.run_dir}", *args.overrides])
     all_rows = read_metrics_csv(Path(args.run_dir) / "metrics.csv")
     wall = (time.time() - t0) / 60
     wall_control = 0.0
     if args.control:
-        ctrl = control_rows(args.config, args.run_dir, args.overrides)
+        ctrl = control_rows(cfg)
         for t in sorted({r["generation"] for r in ctrl}):
             ctrl += aggregate_rows([r for r in ctrl if r["generation"] == t and isinstance(r["seed"], int)])
         all_rows += ctrl
@@ -127,11 +120,12 @@ def main() -> int:
                      f"{float(gens[gs[0]]['recall']):.3f}→{float(gens[gs[-1]]['recall']):.3f} |")
     out_dir = ROOT / "benchmarks" / "results"
     settings = json.loads((Path(args.run_dir) / "metrics.json").read_text())
+    num_eval = settings.get("num_eval", settings["num_synthetic"])  # absent from runs made before loop.num_eval
     first = table[sorted(table)[0]]
     sizes = ", ".join(f"gen {g}: {first[g]['train_size']} ({float(first[g]['real_fraction']):.0%} real)" for g in sorted(first))
     lines.append("")
     lines.append(f"Settings: {settings['num_real']} real, {settings['num_synthetic']} synthetic added per generation, "
-                 f"metrics on {settings.get('num_eval', settings['num_synthetic'])} samples per generation (seeds {settings['seeds']}). "
+                 f"metrics on {num_eval} samples per generation (seeds {settings['seeds']}). "
                  f"Training sets: {sizes}.")
     target = {}
     std = [v for k, v in verdict.items() if k.endswith("/standard")]
@@ -142,8 +136,8 @@ def main() -> int:
         lines.append(f"Target: standard FD rises (last/first > 1): {target['standard_rises']}; "
                      f"SIMS last within 10% of (or below) first (last/first <= 1.1): "
                      f"{target['sims_last_within_10pct_of_first']}.")
-    if settings_is_digits(args.config, args.overrides):
-        lines += ["", *synthetic_table(args.config, args.run_dir, args.overrides)]
+    if cfg.data.name == "digits":
+        lines += ["", *synthetic_table(cfg)]
     lines.append("")
     lines.append(f"Wall time of this invocation (a resumed run counts only what it did): loop {wall:.1f} min"
                  + (f", real-only control {wall_control:.1f} min." if args.control else "."))
@@ -154,13 +148,14 @@ def main() -> int:
                                              f"(runs `{' '.join(cmd)}`)\n\n{md}\n")
     (out_dir / f"{args.name}.json").write_text(json.dumps({
         "command": bench, "loop_command": " ".join(cmd), "wall_min_this_invocation": wall, "control_wall_min_this_invocation": wall_control, "num_real": settings["num_real"],
-        "num_synthetic": settings["num_synthetic"], "num_eval": settings.get("num_eval", settings["num_synthetic"]), "streams": verdict, "target": target,
+        "num_synthetic": settings["num_synthetic"], "num_eval": num_eval, "streams": verdict, "target": target,
         "training_sets": settings.get("training_sets")}, indent=2) + "\n")
-    plot_dir = Path(args.run_dir) / "plots" / "with-control" if args.control else Path(args.run_dir) / "plots"
-    if args.control:
-        plot_metrics(all_rows, plot_dir, metrics=["fd"], title=f"digits loop, +{settings['num_synthetic']}/gen")
-    if (plot_dir / "fd.png").exists():
-        shutil.copy(plot_dir / "fd.png", out_dir / f"{args.name}.png")
+    plot = Path(args.run_dir) / "plots" / "fd.png"
+    if args.control:  # the loop's own plot has no control line
+        plot, = plot_metrics(all_rows, plot.parent / "with-control", metrics=["fd"],
+                             title=f"digits loop, +{settings['num_synthetic']}/gen")
+    if plot.exists():
+        shutil.copy(plot, out_dir / f"{args.name}.png")
     return 0
 
 
