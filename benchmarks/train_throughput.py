@@ -2,13 +2,17 @@
 
 One training step = EDM loss (Karras et al. 2022, Table 1: ln sigma ~ N(-1.2, 1.2^2), lambda(sigma)
 weighting, preconditioned denoiser) forward + backward + Adam step, on random images in [-1, 1].
-Both backbones go through the same :class:`sims.diffusion.EDMPrecond` and :class:`sims.diffusion.EDMLoss`
-(an inline copy of those formulas is used if ``sims.diffusion`` is unavailable).
+Both backbones go through the same :class:`sims.diffusion.EDMPrecond` and :class:`sims.diffusion.EDMLoss`.
 
 Configurations (``--configs``):
     digits:  8x8x1,  model_channels 32, channel_mult [1,2], 2 blocks, attention at 4, batch 128
-    cifar10: 32x32x3, EDM DDPM++ CIFAR-10 (128, [2,2,2], 4 blocks, attention at 16), batch 8 on CPU
-             (``--batch-cifar10`` to change; e.g. 128 or 512 on a GPU)
+    cifar10: 32x32x3, EDM's CIFAR-10 DDPM++ exactly (SongUNet, ``edm-cifar10-32x32-uncond-vp``: 128,
+             [2,2,2], 4 blocks, attention at 16, additive embedding, augment_dim 9 — 55,733,891
+             parameters; EDM_FORMAT §2.3), batch 8 on CPU (``--batch-cifar10`` to change; e.g. 128
+             or 512 on a GPU). Its steps pass all-zero augment labels [N, 9] (EDM's label for an
+             un-augmented image), so map_augment is trained as in EDM.
+The diffusers model uses the same layout keys with additive time injection, its base width chosen
+so its parameter count is nearest ours. Dropout is 0 in both.
 
 Timing: ``--warmup`` steps per model are discarded (the first steps allocate and tune), then the
 models are timed in alternating rounds (``--repeats``) of ``--iters / repeats`` steps each, so a
@@ -42,61 +46,34 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sims.config import NetworkConfig  # noqa: E402
+from sims.diffusion import EDMLoss, EDMPrecond  # noqa: E402
 from sims.networks import build_backbone, count_parameters  # noqa: E402
 from sims.networks.diffusers_unet import DiffusersUNet, diffusers_unet_kwargs_matching  # noqa: E402
 
+LAYOUT_KEYS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")
 CONFIGS = {
     "digits": dict(res=8, ch=1, batch=128, iters=30, warmup=3, repeats=5,
                    net=dict(model_channels=32, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4])),
+    # EDM's CIFAR-10 DDPM++ (edm-cifar10-32x32-uncond-vp.pkl): 55,733,891 parameters.
     "cifar10": dict(res=32, ch=3, batch=8, iters=3, warmup=2, repeats=3,
-                    net=dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16])),
+                    net=dict(model_channels=128, channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4,
+                             attn_resolutions=[16], adaptive_scale=False, augment_dim=9)),
 }
-
-
-def _denoiser_and_loss(backbone, autocast_dtype):
-    """(denoiser, loss_fn) from sims.diffusion, or an inline EDM Table 1 fallback."""
-    try:
-        from sims.diffusion import EDMLoss, EDMPrecond
-
-        return EDMPrecond(backbone, sigma_data=0.5, autocast_dtype=autocast_dtype), EDMLoss(), "sims.diffusion"
-    except ImportError:
-        pass
-    sd = 0.5
-
-    class Precond(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.backbone = net
-
-        def forward(self, x, sigma, class_labels=None):
-            s = sigma.reshape(-1, 1, 1, 1)
-            c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
-            c_in, c_noise = 1 / (s**2 + sd**2).sqrt(), sigma.log() / 4
-            with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                F_x = self.backbone(c_in * x, c_noise, class_labels)
-            return c_skip * x + c_out * F_x.float()
-
-    def loss(D, y):
-        sigma = (torch.randn(y.shape[0], device=y.device) * 1.2 - 1.2).exp()
-        s = sigma.reshape(-1, 1, 1, 1)
-        weight = (s**2 + sd**2) / (s * sd) ** 2
-        return weight * (D(y + s * torch.randn_like(y), sigma) - y) ** 2
-
-    return Precond(backbone), loss, "inline"
 
 
 class Trainer:
     """One model's training step (EDM loss, sum over elements / mean over batch, Adam)."""
 
-    def __init__(self, name, backbone, batch, res, ch, device, autocast_dtype):
+    def __init__(self, name, backbone, batch, res, ch, device, autocast_dtype, augment_dim=0):
         self.name = name
         self.params = count_parameters(backbone)
-        self.denoiser, self.loss_fn, self.loss_impl = _denoiser_and_loss(backbone.to(device), autocast_dtype)
+        self.denoiser = EDMPrecond(backbone.to(device), sigma_data=0.5, autocast_dtype=autocast_dtype)
+        self.loss_fn, self.loss_impl = EDMLoss(), "sims.diffusion"
         self.denoiser.train()
         self.opt = torch.optim.Adam(self.denoiser.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
         self.images = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(device)
+        self.augment_labels = torch.zeros(batch, augment_dim, device=device) if augment_dim else None
         self.batch, self.device, self.rates = batch, device, []
 
     def _sync(self):
@@ -104,7 +81,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def step(self):
-        loss = self.loss_fn(self.denoiser, self.images).sum() / self.batch
+        loss = self.loss_fn(self.denoiser, self.images, augment_labels=self.augment_labels).sum() / self.batch
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -133,9 +110,12 @@ def bench_config(name, spec, args, device, autocast_dtype):
     cfg = NetworkConfig(arch="ddpmpp", dropout=0.0, **spec["net"])
     ours = build_backbone(cfg, spec["res"], spec["ch"])
     n_ours = count_parameters(ours)
-    kw = diffusers_unet_kwargs_matching(n_ours, spec["res"], spec["ch"], dropout=0.0, **spec["net"])
+    layout = {k: spec["net"][k] for k in LAYOUT_KEYS}
+    kw = diffusers_unet_kwargs_matching(n_ours, spec["res"], spec["ch"], dropout=0.0, adaptive_scale=False,
+                                        channel_mult_emb=cfg.channel_mult_emb, **layout)
     theirs = DiffusersUNet(kw)
-    trainers = [Trainer("sims DDPM++", ours, batch, spec["res"], spec["ch"], device, autocast_dtype),
+    trainers = [Trainer("sims DDPM++", ours, batch, spec["res"], spec["ch"], device, autocast_dtype,
+                        augment_dim=cfg.augment_dim),
                 Trainer("diffusers UNet2DModel", theirs, batch, spec["res"], spec["ch"], device, autocast_dtype)]
     for t in trainers:
         if warmup:

@@ -18,8 +18,16 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
-class ConfigError(ValueError):
-    """A configuration file or override the user must fix (the message says what and where)."""
+from sims.errors import ConfigError
+
+# The keys that may differ between a run and its resumption without changing what it computes:
+# where it runs (devices, nodes, per-rank batch), where outputs go, logging, and the ω grid (results
+# are cached per cell). The stage run directory and the loop's config hash both use this one list.
+RESUME_KEYS = frozenset({
+    "run_dir", "train.devices", "train.num_nodes", "train.accelerator", "train.batch_gpu",
+    "train.progress_bar", "train.wandb", "train.log_every_steps", "data.num_workers", "sampler.batch_size",
+    "sims.omegas", "sims.enabled", "loop.enabled",
+})
 
 
 @dataclass
@@ -51,18 +59,26 @@ class DataConfig:
 class NetworkConfig:
     """Backbone F(x_in, c_noise, class_labels) of the denoiser (EDM Table 1, 'network and preconditioning').
 
-    ``arch``: ``ddpmpp`` (Song et al. DDPM++ U-Net as configured in EDM), ``mlp`` (low-dimensional
-    data), ``diffusers_unet`` (adapter around diffusers' UNet2DModel, for comparison).
+    ``arch``: ``ddpmpp`` (EDM's SongUNet with the DDPM++ settings: positional embedding, standard
+    encoder/decoder, [1,1] resampling), ``adm`` (EDM's DhariwalUNet, the ImageNet-64 network), ``mlp``
+    (low-dimensional data), ``diffusers_unet`` (adapter around diffusers' UNet2DModel, for comparison).
+    Key names follow EDM's constructor arguments (``channel_mult_emb``, ``augment_dim``, ...).
+    ``adaptive_scale``: DDPM++ only; True injects the noise embedding as FiLM scale-shift instead of
+    EDM's additive injection (not EDM's network; ADM is always adaptive). ``augment_dim``: width of
+    EDM's augmentation labels (9 when trained with ``train.augment > 0``, 0 otherwise).
     """
 
     arch: str = "ddpmpp"
     model_channels: int = 128
     channel_mult: List[int] = field(default_factory=lambda: [2, 2, 2])
+    channel_mult_emb: int = 4
     num_blocks: int = 4
     attn_resolutions: List[int] = field(default_factory=lambda: [16])
     dropout: float = 0.13
-    embedding_dim_mult: int = 4
-    adaptive_scale: bool = True  # noise embedding as scale-shift (FiLM); False: added (EDM's exact DDPM++)
+    adaptive_scale: bool = False
+    augment_dim: int = 0
+    label_dropout: float = 0.0
+    channels_per_head: int = 64  # adm: attention heads = channels / channels_per_head
     # MLP backbone
     hidden_dim: int = 256
     num_layers: int = 4
@@ -72,12 +88,20 @@ class NetworkConfig:
 class TrainConfig:
     """Optimisation (EDM Table 7 conventions: lengths in kimg, Adam, linear learning-rate ramp-up).
 
-    ``ema_halflife_kimg`` / ``ema_rampup_ratio``: EDM's EMA, half-life = min(halflife, ratio * kimg seen).
-    ``precision``: Lightning precision string; ``bf16-mixed`` confines autocast to the backbone.
+    ``batch_size`` is the global batch (all ranks, one optimizer step); ``batch_gpu`` the images one
+    rank processes at a time (null: ``batch_size / world size``); ``batch_size / (world·batch_gpu)``
+    micro-batches are accumulated per step. Training randomness (σ, noise, dropout, augmentation)
+    is a function of (seed, micro-batch slice, step), so with a fixed ``batch_gpu`` a run gives the
+    same result on any number of processes. ``ema_halflife_kimg`` / ``ema_rampup_ratio``: EDM's EMA,
+    half-life = min(halflife, ratio · kimg seen); ``ema_halflives_kimg``: further EMAs tracked at
+    once (exported beside the main one, swept by the SIMS evaluation). ``augment``: EDM's non-leaky
+    augmentation probability p (needs ``network.augment_dim=9``). ``precision``: ``32-true`` or
+    ``bf16-mixed`` (autocast confined to the backbone).
     """
 
     total_kimg: float = 200000.0
     batch_size: int = 512
+    batch_gpu: Optional[int] = None
     lr: float = 1e-3
     lr_rampup_kimg: float = 10000.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -85,23 +109,25 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     ema_halflife_kimg: float = 500.0
     ema_rampup_ratio: Optional[float] = 0.05
+    ema_halflives_kimg: List[float] = field(default_factory=list)
+    augment: float = 0.0
     P_mean: float = -1.2
     P_std: float = 1.2
     sigma_data: float = 0.5
     precision: str = "32-true"
+    compile: bool = False
     seed: int = 0
     devices: int = 1
     accelerator: str = "auto"
-    strategy: str = "auto"
     num_nodes: int = 1
     log_every_steps: int = 50
     ckpt_every_kimg: float = 50.0
     grid_seeds: int = 64
     eval_every_kimg: float = 0.0  # > 0: log the Fréchet distance (sims.features) of the EMA model this often
     eval_num_samples: int = 1000
+    eval_seed_offset: int = 3_000_000  # the FD callback's seeds: inside no report set
     wandb: bool = False
     progress_bar: bool = True
-    deterministic: bool = False
 
 
 @dataclass
@@ -124,23 +150,34 @@ class SamplerConfig:
 class SIMSConfig:
     """SIMS (Alemohammad et al. 2024, Algorithm 1): auxiliary fine-tune and guided evaluation.
 
-    ``num_synthetic`` = n_s, ``aux_kimg`` = budget B (kimg), ``aux_lr`` and ``aux_lr_rampup_kimg``
-    give the auxiliary model its own schedule. Synthetic seeds start at ``synthetic_seed_offset``
-    and evaluation seed sets at ``eval_seed_offsets`` (disjoint). ``omegas`` is the ω grid.
+    ``base``: a completed run directory (e.g. written by ``sims-import``) whose weights are this
+    run's base model instead of training one. ``num_synthetic`` = n_s, ``aux_kimg`` = budget B
+    (kimg); ``aux_lr``, ``aux_lr_rampup_kimg``, ``aux_ema_halflife_kimg`` and
+    ``aux_ema_rampup_ratio`` (null: off, as EDM's transfer learning) give the auxiliary model its
+    own schedule; ``aux_snapshot_every_kimg`` exports auxiliary snapshots for the sweep.
+    Evaluation protocol (SPEC §4): every setting chosen by a metric (ω from ``omegas``, the
+    auxiliary snapshot, the EMA lengths) is chosen on the *selection* seed sets, then the base and
+    the chosen SIMS setting are evaluated once on the disjoint *report* seed sets.
     ``sigma_interval`` (lo, hi] restricts guidance (Kynkäänniemi et al. 2024); null = everywhere.
     """
 
     enabled: bool = False
+    base: Optional[str] = None
     num_synthetic: int = 3000
+    synthetic_seed_offset: int = 1_000_000
     aux_kimg: float = 192.0
     aux_lr: Optional[float] = None  # None: the base lr
     aux_lr_rampup_kimg: float = 0.0
     aux_ema_halflife_kimg: Optional[float] = None  # None: the base EMA half-life
+    aux_ema_rampup_ratio: Optional[float] = None  # None: no ramp-up (EDM --transfer)
+    aux_ema_halflives_kimg: List[float] = field(default_factory=list)
+    aux_snapshot_every_kimg: Optional[float] = None
     omegas: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
     sigma_interval: Optional[List[float]] = None
-    synthetic_seed_offset: int = 1_000_000
-    eval_num_samples: int = 2000
-    eval_seed_offsets: List[int] = field(default_factory=lambda: [0, 100_000])
+    selection_seed_offsets: List[int] = field(default_factory=lambda: [200_000, 300_000])
+    selection_num_samples: int = 10_000
+    report_seed_offsets: List[int] = field(default_factory=lambda: [0, 50_000, 100_000])
+    report_num_samples: int = 50_000
     features: str = "auto"  # auto | digits | identity | inception
     reference: Optional[str] = None  # .npz with mu/sigma; None: computed from the training data
     inception_weights: Optional[str] = None  # local pt_inception-2015-12-05 file; never downloaded
@@ -159,7 +196,7 @@ class LoopConfig:
     num_synthetic: int = 1000
     subsample_size: Optional[int] = None  # accumulate-subsample: training-set size (None: num_real)
     num_eval: Optional[int] = None  # samples evaluated per generation (None: the synthetic data itself)
-    sampling_guidance: float = 0.0
+    omega: float = 0.0  # SIMS guidance weight of the sims streams' sampler
     init: str = "scratch"  # scratch | previous
     seeds: List[int] = field(default_factory=lambda: [0])
     # Gaussian / KDE task settings ("Collapse or Thrive?")

@@ -23,7 +23,6 @@ from sims.data.workflows import (
 from sims.loop import (
     ConfigMismatchError,
     LoopError,
-    _REGISTRY,
     derive_seed,
     read_metrics_csv,
     register_model,
@@ -37,6 +36,8 @@ from sims.toy.gaussian import (
     fit_gaussian_mle,
     sims_guided_gaussian,
 )
+
+from sims.loop.registry import _REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,7 +259,7 @@ def _crash_at(phase, generation, workflow=None, seed=None):
 @pytest.mark.parametrize("phase", ["fit", "sample", "evaluate", "record"])
 def test_resume_after_crash_gives_identical_metrics_gaussian(tmp_path, phase):
     cfg = _gauss("loop.workflows=[replace,accumulate,accumulate-subsample]", "loop.methods=[standard,sims]",
-                 "loop.sampling_guidance=0.5")
+                 "loop.omega=0.5")
     ref = run_loop(cfg, tmp_path / "ref", plots=False)
     with pytest.raises(_Crash):
         run_loop(cfg, tmp_path / "run", hooks=_crash_at(phase, 2, "accumulate"), plots=False)
@@ -329,7 +330,7 @@ def test_config_mismatch_is_refused(tmp_path):
         (["loop.workflows=[replace,bogus]"], LoopError, "unknown workflow 'bogus'; choose one of: replace, accumulate"),
         (["loop.methods=[bogus]"], LoopError, "unknown method 'bogus'; choose one of: standard, sims"),
         (["loop.model=kde", "loop.methods=[standard,sims]"], LoopError, "does not support method 'sims'"),
-        (["loop.model=diffusion", "loop.methods=[standard,sims]"], ConfigError, "loop.sampling_guidance"),
+        (["loop.model=diffusion", "loop.methods=[standard,sims]"], ConfigError, "loop.omega"),
         (["loop.model=diffusion", "loop.num_real=5000"], LoopError, "real data set has only 1797"),
         (["loop.model=vae"], LoopError, "unknown loop.model 'vae'"),
         (["loop.generations=0"], LoopError, "loop.generations must be a positive integer"),
@@ -372,7 +373,7 @@ class _FiniteModel:
 def test_finite_real_data_and_registered_model(tmp_path, monkeypatch):
     monkeypatch.setitem(_REGISTRY, "diffusion", _REGISTRY["gaussian"])  # restored after the test
     model = _FiniteModel()
-    register_model("diffusion", lambda cfg: model)
+    register_model("diffusion", lambda cfg, ctx: model)
     cfg = _gauss("loop.model=diffusion", "loop.workflows=[replace,fresh]", "loop.num_real=50",
                  "loop.num_synthetic=10", "loop.generations=3", "loop.seeds=[4]", "loop.init=previous")
     with pytest.raises(LoopError, match=r"'fresh' needs 3 generations x 50 fresh real samples = 150.*only 120"):
@@ -407,7 +408,7 @@ class _EvalRecorder(_FiniteModel):
 def test_num_eval_draws_its_own_samples_for_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setitem(_REGISTRY, "diffusion", _REGISTRY["gaussian"])
     model = _EvalRecorder()
-    register_model("diffusion", lambda cfg: model)
+    register_model("diffusion", lambda cfg, ctx: model)
     args = ("loop.model=diffusion", "loop.workflows=[accumulate]", "loop.num_real=40", "loop.num_synthetic=10",
             "loop.generations=2", "loop.seeds=[4]")
     run_loop(_gauss(*args), tmp_path / "default", plots=False)

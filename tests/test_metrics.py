@@ -334,9 +334,18 @@ def _dist_worker(rank, world, port, x, out_dir):
         stats = FeatureStats(dim=x.shape[1], max_items=500)
         for chunk in torch.split(shard, 64):
             stats.update(chunk)
-        stats.all_reduce()
+        from sims.dist import DistContext
+
+        ctx = DistContext(rank=rank, world_size=world)
+        stats.all_reduce(ctx)
         mu, sigma = stats.mean_cov()
-        np.savez(f"{out_dir}/rank{rank}.npz", mu=mu, sigma=sigma, count=stats.count, kept=stats.features().numpy())
+        # a rank that saw no features at all (dim known from construction) takes part as well
+        lonely = FeatureStats(dim=x.shape[1])
+        if rank == 0:
+            lonely.update(x)
+        lonely.all_reduce(ctx)
+        np.savez(f"{out_dir}/rank{rank}.npz", mu=mu, sigma=sigma, count=stats.count, kept=stats.features().numpy(),
+                 lonely_mu=lonely.mean_cov()[0], lonely_count=lonely.count)
     finally:
         dist.destroy_process_group()
 
@@ -354,3 +363,5 @@ def test_all_reduce_two_gloo_processes_equals_single_process(tmp_path):
             np.testing.assert_allclose(f["sigma"], sigma, rtol=1e-10, atol=1e-13)
             # kept raw features: rank 0's 300 then the first 200 of rank 1's
             np.testing.assert_allclose(f["kept"], x[:500].numpy(), rtol=1e-6)
+            assert int(f["lonely_count"]) == 701
+            np.testing.assert_allclose(f["lonely_mu"], mu, rtol=1e-12, atol=1e-14)

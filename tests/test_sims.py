@@ -5,14 +5,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import DIGITS_ARGS, TOY_ARGS, run_cli
-from sims.data.store import SyntheticStore, fill_store
+from sims.data.store import SyntheticStore
+from sims.dist import single_process
 from sims.metrics import save_npz
+from sims.stages.synthetic import make_synthetic
 
 SIMS_TOY = [*TOY_ARGS, "sims.enabled=true", "sims.num_synthetic=512", "sims.aux_kimg=5.12", "sims.omegas=[0,0.5,1]",
-            "sims.eval_num_samples=300", "sims.eval_seed_offsets=[0,5000]"]
+            "sims.selection_num_samples=300", "sims.selection_seed_offsets=[0,5000]", "sims.report_num_samples=300",
+            "sims.report_seed_offsets=[20000,30000,40000]"]
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +27,43 @@ def toy_run(tmp_path_factory):
 def test_pipeline_outputs(toy_run):
     run, proc = toy_run
     for f in ["synthetic/manifest.json", "aux/ema.safetensors", "aux/DONE", "eval/report.json", "eval/report.md",
-              "eval/fid_vs_omega.png", "eval/grid_base_vs_sims.png", "eval/reference.npz"]:
+              "eval/fd_vs_omega.png", "eval/grid_base_vs_sims.png", "eval/reference.npz", "eval/results.json"]:
         assert (run / f).exists(), f
     report = json.loads((run / "eval/report.json").read_text())
-    assert {r["omega"] for r in report["results"]} == {0.0, 0.5, 1.0}
-    assert {r["seed_offset"] for r in report["results"]} == {0, 5000}
-    assert report["best_omega"] in (0.0, 0.5, 1.0)
-    assert report["best_fd_mean"] <= report["base_fd_mean"]
-    assert report["nfe"] == {"base": 15, "sims": 30}
+    results = json.loads((run / "eval/results.json").read_text())
+    sel = [r for r in results.values() if r["kind"] == "sel"]
+    assert {(r["omega"], r["seed_offset"]) for r in sel} == {(w, o) for w in (0.0, 0.5, 1.0) for o in (0, 5000)}
+    # omega is chosen on the selection sets: the lowest mean FD there
+    mean_sel = {w: np.mean([r["fd"] for r in sel if r["omega"] == w]) for w in (0.0, 0.5, 1.0)}
+    assert report["best_omega"] == min(mean_sel, key=mean_sel.get)
+    # and reported on the held-out sets, base and chosen setting on each
+    rep = [r for r in results.values() if r["kind"] == "rep"]
+    assert sorted({r["seed_offset"] for r in rep}) == report["report_seed_offsets"] == [20000, 30000, 40000]
+    assert report["selection_seed_offsets"] == [0, 5000]
+    assert report["base"]["fd_per_set"] == [r["fd"] for r in rep if r["omega"] == 0.0]
+    assert report["base"]["fd_min"] == min(report["base"]["fd_per_set"])
+    assert report["base_fd_mean"] == pytest.approx(np.mean(report["base"]["fd_per_set"]))
+    # NFE as counted: 8 Heun steps = 15 evaluations of the base, twice that guided
+    assert report["base"]["nfe"] == 15.0
+    assert report["sims"]["nfe"] == (30.0 if report["best_omega"] > 0 else 15.0)
     assert report["real_resample_fd"]["mean"] > 0
-    assert "Finite-sample floor" in (run / "eval/report.md").read_text()
-    for r in report["results"]:
+    text = (run / "eval/report.md").read_text()
+    assert "Finite-sample floor" in text and "held-out report sets" in text
+    for r in rep:
         assert r["fd"] >= 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert 0 <= r["fd_mean_term"] <= r["fd"] + 1e-9
+        assert len(r["base_sha256"]) == 64 and r["features"] == "identity" and r["num_samples"] == 300
+        assert r["pr_size"] == 300  # equal sizes for precision/recall
     manifest = json.loads((run / "synthetic/manifest.json").read_text())
     assert manifest["count"] == 512 and manifest["first_seed"] == 1_000_000
-    assert "best omega" in proc.stdout
+    assert "report:" in proc.stdout
 
 
 def test_rerun_is_a_noop_and_store_has_no_duplicates(toy_run):
     run, _ = toy_run
     before = (run / "eval/results.json").read_text()
     again = run_cli("sims.cli.train", *SIMS_TOY, f"run_dir={run}", "sampler.batch_size=77")
-    assert "resuming" not in again.stdout and "eval omega" not in again.stdout
+    assert "resuming" not in again.stdout and "sel|" not in again.stdout
     assert (run / "eval/results.json").read_text() == before
     data = SyntheticStore(run / "synthetic").load()
     assert len(data) == 512
@@ -80,30 +96,29 @@ def test_mismatched_auxiliary_is_refused(toy_run, tmp_path):
 
 
 def test_store_resumes_without_duplicates(tmp_path):
-    calls = []
+    made = []
 
-    def make_batch(seeds):
-        calls.append(list(seeds))
-        return torch.tensor([[float(s), -float(s)] for s in seeds]), None
+    def denoiser(x, sigma, labels=None):
+        made.append(len(x))
+        return torch.zeros_like(x)
 
     store = SyntheticStore(tmp_path / "syn")
     # an interrupted first attempt (batch size 4) left two shards behind
-    store.write_shard([0, 1, 2, 3], *make_batch([0, 1, 2, 3]))
-    store.write_shard([8, 9, 10, 11], *make_batch([8, 9, 10, 11]))
-    calls.clear()
-    fill_store(store, range(14), make_batch, batch_size=5, data_shape=(2,))   # resumed with batch size 5
-    assert sorted(s for c in calls for s in c) == [4, 5, 6, 7, 12, 13]
-    data = store.load()
-    assert len(data) == 14
-    np.testing.assert_array_equal(data.data[:, 0].numpy(), np.arange(14))
-    fill_store(store, range(14), make_batch, batch_size=5, data_shape=(2,))   # complete: nothing to do
-    assert len(calls) == 3
+    store.write_shard([0, 1, 2, 3], torch.zeros(4, 2))
+    store.write_shard([8, 9, 10, 11], torch.zeros(4, 2))
+    kw = dict(data_shape=(2,), label_dim=0, sampler={"num_steps": 2}, batch_size=5)
+    data = make_synthetic(single_process(), denoiser, tmp_path / "syn", range(14), **kw)  # resumed: batch size 5
+    assert sum(made) == 3 * 6  # only the 6 missing seeds (4-7, 12, 13), 3 evaluations each
+    assert len(data) == 14 and sorted(SyntheticStore(tmp_path / "syn").stored_seeds()) == list(range(14))
+    made.clear()
+    make_synthetic(single_process(), denoiser, tmp_path / "syn", range(14), **kw)  # complete: nothing to do
+    assert made == []
 
 
 def test_seed_sets_must_be_disjoint(tmp_path):
     proc = run_cli("sims.cli.train", *SIMS_TOY, f"run_dir={tmp_path / 'r'}", "sims.synthetic_seed_offset=5100",
                    check=False)
-    assert proc.returncode == 2 and "overlap evaluation seeds" in proc.stderr
+    assert proc.returncode == 2 and "overlap" in proc.stderr and "sims.synthetic_seed_offset" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -149,37 +164,35 @@ def test_sims_fid_folder_and_errors(digits_run, tmp_path):
 
 
 def test_fd_callback_does_not_disturb_training(tmp_path):
-    import lightning as L
-
     from sims.config import load_config, to_container
     from sims.data import load_real_dataset
-    from sims.metrics import IdentityFeatures
+    from sims.stages.pipeline import fd_callback_evaluator
     from sims.training.callbacks import FDEvalCallback
-    from sims.training.datamodule import ArrayDataModule
+    from sims.training.fit import fit_stage
     from sims.training.module import EDMModule
 
     cfg = load_config("configs/toy2d.yaml", [f"run_dir={tmp_path}", "data.num_samples=512", "network.hidden_dim=32",
-                                            "network.num_layers=1", "train.batch_size=64"])
+                                            "network.num_layers=1", "train.batch_size=64", "train.total_kimg=0.768",
+                                            "train.eval_num_samples=64", "sampler.num_steps=4"])
     data = load_real_dataset(cfg.data)
+    ctx = single_process()
 
-    def train(callbacks):
-        L.seed_everything(0, verbose=False)
+    def train(name, callbacks):
         m = EDMModule(to_container(cfg.network), to_container(cfg.train), (2,), 0)
-        t = L.Trainer(max_steps=12, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
-        t.fit(m, datamodule=ArrayDataModule(data, 64, 0, total_steps=12))
+        fit_stage(ctx, tmp_path / name, m, data, total_kimg=0.768, train=to_container(cfg.train), callbacks=callbacks,
+                  progress=False)
         return m
 
-    cb = FDEvalCallback(0.256, 64, IdentityFeatures(2), data.data, {"num_steps": 4}, 64)
-    with_cb, without = train([cb]), train([])
-    assert len(cb.history) == 3 and all(h["fd"] > 0 for h in cb.history)
+    cb = FDEvalCallback(0.256, fd_callback_evaluator(ctx, cfg, data))
+    with_cb, without = train("a", [cb]), train("b", [])
+    assert len(cb.history) == 3 and all(h["fd"] > 0 and 0 <= h["precision"] <= 1 for h in cb.history)
     for a, b in zip(with_cb.ema.module.parameters(), without.ema.module.parameters()):
         assert torch.equal(a, b)
 
 
 def test_resample_floor_shrinks_with_sample_count():
     """The finite-sample FD floor is positive, ≈ the Gaussian bias tr-term, and falls as n grows."""
-    from sims.evaluation import resample_floor
+    from sims.stages.evaluate import resample_floor
     from sims.metrics import FeatureStats
 
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: one-line errors a user can act on (set SIMS_DEBUG=1 for the traceback)."""
+"""Shared CLI plumbing: the project's errors become one line and exit status 2 (set SIMS_DEBUG=1 for
+the traceback); any other exception is a bug and shows its traceback."""
 from __future__ import annotations
 
 import functools
@@ -7,20 +8,16 @@ import os
 import sys
 import warnings
 
+from sims.errors import PreemptedError, SimsError
+from sims.utils import quiet_lightning
 
-def quiet_lightning() -> None:
-    """Keep Lightning's INFO chatter (GPU available, tips) out of the output, if it is imported.
-
-    Lightning sets its loggers' levels when imported, so callers call this again after importing it.
-    """
-    if "lightning" in sys.modules:
-        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; re-run (requeue) to resume
 
 
 def user_errors(prog: str):
-    """Decorate a ``main`` so expected failures (bad config, data, weights, NaN loss) print one line
-    ``PROG: error: ...`` and exit with status 2 instead of a traceback."""
+    """Decorate a ``main(argv)`` so that a :class:`~sims.errors.SimsError` prints one line
+    ``PROG: error: ...`` and exits with status 2 (75 for a pre-emption), instead of a traceback."""
     def wrap(fn):
         @functools.wraps(fn)
         def main(argv=None):
@@ -31,14 +28,11 @@ def user_errors(prog: str):
                 quiet_lightning()
             try:
                 return fn(argv) or 0
-            except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError, ImportError,
-                    NotImplementedError) as exc:
+            except SimsError as exc:
                 if os.environ.get("SIMS_DEBUG"):
                     raise
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                if type(exc) is RuntimeError:  # not one of ours: say how to see where it came from
-                    msg += " (set SIMS_DEBUG=1 for the traceback)"
-                print(f"{prog}: error: {msg}", file=sys.stderr)
-                return 2
+                print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+                return EXIT_PREEMPTED if isinstance(exc, PreemptedError) else EXIT_USER_ERROR
         return main
     return wrap

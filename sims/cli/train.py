@@ -1,19 +1,20 @@
-"""``sims-train CONFIG [key=value ...]``: train a base model (and, with ``sims.enabled=true``, the SIMS
-auxiliary model and its evaluation), or run a generation loop (``loop.enabled=true``).
+"""``sims-train CONFIG [key=value ...] [--force-unlock]``: train a base model (and, with
+``sims.enabled=true``, the SIMS auxiliary model and its evaluation), or run a generation loop
+(``loop.enabled=true``).
 
-Re-running the same command resumes where it stopped; a different config in the same run_dir
-is refused.
+The whole config is checked before any work (:func:`sims.cli.validate.validate`). One process, or
+many: ``train.devices=N`` (Lightning's launcher), ``torchrun --nproc_per_node=N sims-train ...`` or
+``srun sims-train ...`` (SLURM); every stage runs on all processes. Re-running the same command
+resumes where it stopped; a different config in the same run_dir is refused; a run directory is
+locked while a job works in it.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-
-from omegaconf import OmegaConf
 
 from sims.cli.common import user_errors
-from sims.config import ConfigError, load_config
+from sims.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (e.g. configs/digits.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run_dir=runs/a train.lr=2e-4")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over the run directory's lock even if another host's job seems to hold it")
     return p
 
 
@@ -28,27 +31,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if OmegaConf.is_missing(cfg, "run_dir"):
-        raise ConfigError("no run directory: add run_dir=PATH")
-    if cfg.loop.enabled:
-        from sims.loop import run_loop
+    from sims.cli.validate import validate
 
-        run_loop(cfg, cfg.run_dir)
-        return 0
-    from sims.data import load_real_dataset
-    from sims.pipeline import prepare_run_dir, train_base
+    validate(cfg)
+    from pathlib import Path
 
-    start = time.time()
-    run_dir = prepare_run_dir(cfg)
-    dataset = load_real_dataset(cfg.data)
-    weights = train_base(cfg, run_dir, dataset)
-    print(f"[sims] base model: {weights} ({(time.time() - start) / 60:.1f} min)", flush=True)
-    if cfg.sims.enabled:
-        from sims.sims_pipeline import run_sims
+    from sims.dist import init_distributed
+    from sims.stages.rundir import lock_run_dir
 
-        report = run_sims(cfg, run_dir, dataset, weights)
-        if report is not None:
-            print(f"[sims] report: {report} ({(time.time() - start) / 60:.1f} min in all)", flush=True)
+    ctx = init_distributed(cfg.train.accelerator, int(cfg.train.devices), int(cfg.train.num_nodes))
+    lock = lock_run_dir(ctx, Path(cfg.run_dir), force=args.force_unlock)
+    try:
+        if cfg.loop.enabled:
+            from sims.loop import run_loop
+
+            run_loop(cfg, cfg.run_dir, ctx=ctx)
+            return 0
+        from sims.stages.pipeline import run_training
+        from sims.stages.rundir import prepare_run_dir
+
+        run_training(ctx, cfg, prepare_run_dir(ctx, cfg))
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -13,15 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sims.data.images import from_uint8, to_uint8
+from sims.errors import DatasetError  # noqa: F401  (re-exported: sims.data.datasets.DatasetError)
+
 ArrayLike = Union[torch.Tensor, np.ndarray]
-
-
-class DatasetError(ValueError):
-    """A data set the user must fix: missing path, wrong image size, unreadable file, bad labels.
-
-    The message is one line that names the offending path/file and, where there is one, the
-    config key to change (e.g. ``data.path``, ``data.resolution``).
-    """
 
 
 class ArrayDataset(Dataset):
@@ -112,6 +107,24 @@ class ArrayDataset(Dataset):
             label = torch.zeros(0, dtype=torch.float32)
         return x, label
 
+    def get_batch(self, indices) -> tuple:
+        """Items at ``indices`` at once: (x [B, ...] float32, labels [B, label_dim] one-hot or [B, 0]);
+        equal to stacking ``self[i]`` (x-flipped copies included)."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        n = int(self.data.shape[0])
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"indices out of range for {len(self)} items")
+        flip = idx >= n
+        base = idx - n * flip.long()
+        x = self.data[base]
+        if bool(flip.any()):
+            x[flip] = x[flip].flip(-1)
+        if self.label_dim > 0:
+            labels = torch.nn.functional.one_hot(self.labels[base], self.label_dim).to(torch.float32)
+        else:
+            labels = torch.zeros(len(idx), 0, dtype=torch.float32)
+        return x, labels
+
     # ------------------------------------------------------------------ shape information
     @property
     def is_image(self) -> bool:
@@ -168,27 +181,6 @@ class ArrayDataset(Dataset):
         )
 
 
-def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
-    """Quantise images in [-1, 1] to uint8 pixels: ``clip(round(127.5 * x + 127.5), 0, 255)`` (SPEC section 4).
-
-    Args:
-        x: float tensor of any shape (typically ``[N, C, H, W]``), nominally in [-1, 1].
-    Returns:
-        uint8 tensor of the same shape.
-    """
-    return (x.float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def from_uint8_images(pixels: ArrayLike) -> torch.Tensor:
-    """Map uint8 pixels ``p`` to float32 ``x = p / 127.5 - 1`` in [-1, 1] (the inverse of :func:`to_uint8_images`).
-
-    Args:
-        pixels: uint8 array/tensor of any shape.
-    Returns:
-        float32 tensor of the same shape.
-    """
-    t = torch.as_tensor(pixels)
-    if t.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 pixels, got {t.dtype}")
-    out = t.to(torch.float32)
-    return out.div_(127.5).sub_(1.0)
+# Older names of the one conversion pair (sims.data.images); kept as aliases, not copies.
+to_uint8_images = to_uint8
+from_uint8_images = from_uint8

@@ -3,24 +3,26 @@
 Layout::
 
     STORE/shard_{first_seed:09d}.npz   seeds [B] int64, x [B, H, W, C] uint8 (images) or [B, d] float32,
-                                       labels [B] int64 (-1 when unconditional)
+                                       labels [B] int64 (-1 when unconditional), writer_rank (int)
     STORE/manifest.json                written last: seeds, count, data_shape, shards, complete
 
 Images are stored quantised to uint8 exactly as they would be written as PNGs
 (clip(round(127.5·x + 127.5))), so training on the store equals training on the PNG folder.
 Every shard is written atomically and named by its first seed; a re-run regenerates only the
-missing shards, so no sample is ever duplicated or lost.
+missing seeds (:func:`sims.stages.synthetic.make_synthetic`), so no sample is ever duplicated or lost.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from sims.data.datasets import ArrayDataset, DatasetError
+from sims.data.datasets import ArrayDataset
+from sims.data.images import from_hwc_uint8, to_hwc_uint8
+from sims.errors import DatasetError
 from sims.utils import atomic_write, atomic_write_json
 
 
@@ -36,18 +38,23 @@ class SyntheticStore:
 
     # -- writing -------------------------------------------------------------------------------------
     def shard_path(self, first_seed: int) -> Path:
+        """``shard_{first_seed:09d}.npz`` in the store."""
         return self.root / f"shard_{int(first_seed):09d}.npz"
 
-    def write_shard(self, seeds: Sequence[int], x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Path:
-        """Store one batch: x [B, C, H, W] in [-1, 1] (quantised to uint8) or [B, d]; labels one-hot or None."""
-        from sims.generation import to_uint8
-
+    def write_shard(self, seeds: Sequence[int], x: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                    writer_rank: int = 0) -> Path:
+        """Store one batch: x [B, C, H, W] in [-1, 1] (quantised to uint8) or [B, d]; labels one-hot or
+        None; ``writer_rank`` (the rank that made it) is kept in the shard for provenance."""
         seeds_arr = np.asarray(list(seeds), dtype=np.int64)
-        data = to_uint8(x) if x.ndim == 4 else x.detach().cpu().numpy().astype(np.float32)
+        data = to_hwc_uint8(x) if x.ndim == 4 else x.detach().cpu().numpy().astype(np.float32)
         lab = (labels.argmax(1).cpu().numpy().astype(np.int64) if labels is not None
                else np.full(len(seeds_arr), -1, dtype=np.int64))
         path = self.shard_path(seeds_arr[0])
-        atomic_write(path, lambda p: np.savez(open(p, "wb"), seeds=seeds_arr, x=data, labels=lab))
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, seeds=seeds_arr, x=data, labels=lab, writer_rank=np.asarray(int(writer_rank)))
+
+        atomic_write(path, write)
         return path
 
     def finalize(self, seeds: Sequence[int], data_shape: Sequence[int], **info) -> dict:
@@ -56,7 +63,7 @@ class SyntheticStore:
         Raises:
             DatasetError: seeds missing or duplicated.
         """
-        stored = self._stored_seeds()
+        stored = self.stored_seeds()
         expected = sorted(int(s) for s in seeds)
         if sorted(stored) != expected:
             missing = sorted(set(expected) - set(stored))
@@ -85,7 +92,8 @@ class SyntheticStore:
     def _shards(self) -> List[Path]:
         return sorted(self.root.glob("shard_*.npz"))
 
-    def _stored_seeds(self) -> List[int]:
+    def stored_seeds(self) -> List[int]:
+        """Seeds of every stored sample (shard order; duplicates would show up twice)."""
         out: List[int] = []
         for p in self._shards():
             with np.load(p) as f:
@@ -112,38 +120,10 @@ class SyntheticStore:
         order = np.argsort(seeds_a)
         x = np.concatenate(xs)[order]
         if x.dtype == np.uint8:
-            data = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+            data = from_hwc_uint8(x)
         else:
             data = torch.from_numpy(x).float()
         lab = np.concatenate(labels)[order]
         use = label_dim > 0 and (lab >= 0).all()
         return ArrayDataset(data, torch.from_numpy(lab) if use else None, label_dim=label_dim if use else 0,
                             name=f"synthetic:{self.root.name}")
-
-
-def fill_store(store: SyntheticStore, seeds: Sequence[int], make_batch: Callable, batch_size: int,
-               data_shape: Sequence[int], **info) -> dict:
-    """Generate this rank's missing batches with ``make_batch(seeds) -> (x, labels)``, then (rank 0)
-    check and write the manifest. Resumable; collective when a process group is initialised.
-
-    Returns:
-        The manifest.
-    """
-    from sims.generation import barrier, dist_info, seed_batches
-
-    if store.complete:
-        return store.manifest()
-    rank, world = dist_info()
-    store.root.mkdir(parents=True, exist_ok=True)
-    stored = set(store._stored_seeds())
-    for batch in seed_batches(seeds, batch_size, rank, world):
-        # Only seeds not on disk yet: a resumed run (even with another batch size) never duplicates.
-        missing = [s for s in batch if s not in stored]
-        if missing:
-            x, labels = make_batch(missing)
-            store.write_shard(missing, x, labels)
-    barrier()
-    if rank == 0:
-        store.finalize(seeds, data_shape, **info)
-    barrier()
-    return store.manifest()

@@ -39,14 +39,12 @@ from typing import Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sims.errors import WorkflowError
+
 WORKFLOWS: Tuple[str, ...] = ("replace", "accumulate", "accumulate-subsample", "fresh", "augment")
 """Workflow names accepted by :func:`compose`."""
 
 _HISTORY_WORKFLOWS = frozenset({"accumulate", "accumulate-subsample"})
-
-
-class WorkflowError(ValueError):
-    """A workflow request the user must fix (unknown name, too little real data, bad sizes)."""
 
 
 def check_workflow(name: str) -> str:

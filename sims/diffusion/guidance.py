@@ -6,7 +6,26 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from sims.errors import InputError
+
 Denoiser = Callable[..., torch.Tensor]
+
+
+class CountedDenoiser:
+    """A denoiser that counts its evaluations: ``rows`` = Σ batch size over calls, so after sampling
+    N images NFE = rows / N (EDM §3's network evaluations per image, σ-interval savings included).
+
+    Args:
+        denoiser: D(x, sigma, class_labels).
+    """
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+        self.rows = 0
+
+    def __call__(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.rows += int(x.shape[0])
+        return self.denoiser(x, sigma, class_labels)
 
 
 class SIMSGuidance:
@@ -33,22 +52,34 @@ class SIMSGuidance:
 
     def __init__(self, base: Denoiser, aux: Denoiser, omega: float,
                  sigma_interval: Optional[Sequence[float]] = None, allow_negative: bool = False):
-        omega = float(omega)
-        if not math.isfinite(omega):
-            raise ValueError(f"guidance weight omega must be finite, got {omega}")
-        if omega < 0 and not allow_negative:
-            raise ValueError(f"guidance weight omega must be >= 0 (SIMS is negative guidance), got {omega}; "
-                             "pass allow_negative=True to guide toward the auxiliary model")
-        if sigma_interval is not None:
-            if len(sigma_interval) != 2:
-                raise ValueError(f"sigma_interval must be (lo, hi), got {sigma_interval!r}")
-            lo, hi = float(sigma_interval[0]), float(sigma_interval[1])
-            if not (0 <= lo < hi):
-                raise ValueError(f"sigma_interval needs 0 <= lo < hi, got ({lo}, {hi})")
-            sigma_interval = (lo, hi)
+        omega = self.check_omega(omega, allow_negative)
+        sigma_interval = self.check_interval(sigma_interval)
         self.base, self.aux, self.omega = base, aux, omega
         self.sigma_interval = sigma_interval
         self.aux_calls = 0
+
+    @staticmethod
+    def check_omega(omega, allow_negative: bool = False) -> float:
+        """ω as a float. Raises InputError: not finite, or negative without ``allow_negative``."""
+        omega = float(omega)
+        if not math.isfinite(omega):
+            raise InputError(f"guidance weight omega must be finite, got {omega}")
+        if omega < 0 and not allow_negative:
+            raise InputError(f"guidance weight omega must be >= 0 (SIMS is negative guidance), got {omega}; "
+                             "pass allow_negative=True to guide toward the auxiliary model")
+        return omega
+
+    @staticmethod
+    def check_interval(sigma_interval) -> Optional[tuple]:
+        """(lo, hi) as floats, or None. Raises InputError: not two values with 0 <= lo < hi."""
+        if sigma_interval is None:
+            return None
+        if len(sigma_interval) != 2:
+            raise InputError(f"sigma_interval must be (lo, hi), got {list(sigma_interval)!r}")
+        lo, hi = float(sigma_interval[0]), float(sigma_interval[1])
+        if not (0 <= lo < hi):
+            raise InputError(f"sigma_interval needs 0 <= lo < hi, got ({lo}, {hi})")
+        return lo, hi
 
     def __call__(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         d_base = self.base(x, sigma, class_labels)

@@ -19,9 +19,11 @@ class EDMLoss:
     Equal, element for element, to the unweighted MSE of the backbone output F against the target
     (y − c_skip·(y + σn))/c_out, since λ(σ) = 1/c_out².
 
-    ``__call__(denoiser, images, class_labels=None, generator=None)``:
-        denoiser: D(x, sigma, class_labels) (e.g. :class:`EDMPrecond`).
+    ``__call__(denoiser, images, class_labels=None, generator=None, augment_labels=None)``:
+        denoiser: D(x, sigma, class_labels[, augment_labels]) (e.g. :class:`EDMPrecond`).
         images: clean data y, [N, C, H, W] or [N, d], in data units ([-1, 1] for images).
+        generator: the source of σ and n (a per-(seed, slice, step) generator in training).
+        augment_labels: [N, augment_dim] labels of EDM's non-leaky augmentation, or None.
         Returns the per-element weighted squared error, the shape of ``images`` (reduce it yourself;
         EDM sums over elements and averages over the batch).
     """
@@ -40,10 +42,14 @@ class EDMLoss:
 
     def __call__(self, denoiser: Denoiser, images: torch.Tensor,
                  class_labels: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None,
+                 augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = images.to(torch.float32)
         sigma = self.sample_sigma(y.shape[0], y.device, generator)
         sigma_b = sigma.reshape(-1, *([1] * (y.ndim - 1)))
         noise = torch.randn(y.shape, device=y.device, generator=generator) * sigma_b
-        D = denoiser(y + noise, sigma, class_labels)
+        if augment_labels is None:
+            D = denoiser(y + noise, sigma, class_labels)
+        else:
+            D = denoiser(y + noise, sigma, class_labels, augment_labels=augment_labels)
         return edm_loss_weight(sigma_b, self.sigma_data) * (D - y) ** 2

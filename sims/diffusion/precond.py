@@ -8,18 +8,20 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from sims.errors import InputError
+
 
 def expand_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast σ (a scalar or shape [N]) to ``x``'s rank: [N, 1, ..., 1] in float32.
+    """Broadcast σ (a scalar, shape [1] or shape [N]) to ``x``'s rank: [N, 1, ..., 1] in float32.
 
     Raises:
-        ValueError: if σ has more than one dimension or its length is not N (or 1).
+        InputError: if σ has more than one dimension or its length is neither N nor 1.
     """
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    if sigma.ndim == 0:
-        sigma = sigma.expand(x.shape[0])
-    if sigma.ndim != 1 or sigma.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"sigma must be a scalar or shape [N]={x.shape[0]}, got {tuple(sigma.shape)}")
+    if sigma.ndim == 0 or sigma.shape == (1,):
+        sigma = sigma.reshape(()).expand(x.shape[0])
+    if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
+        raise InputError(f"sigma must be a scalar or shape [N]={x.shape[0]}, got {tuple(sigma.shape)}")
     return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -54,9 +56,10 @@ class EDMPrecond(nn.Module):
             autocast; the preconditioning and output stay in float32 (EDM's mixed-precision rule).
         label_dim: number of classes the backbone is conditioned on (0: unconditional).
 
-    ``forward(x, sigma, class_labels=None)``: x [N, C, H, W] or [N, d] (float, data units),
-    sigma scalar or [N] (σ > 0), class_labels one-hot [N, label_dim] or None; returns D(x;σ), the
-    shape of x, float32.
+    ``forward(x, sigma, class_labels=None, augment_labels=None)``: x [N, C, H, W] or [N, d] (float,
+    data units), sigma scalar or [N] (σ > 0), class_labels one-hot [N, label_dim] or None,
+    augment_labels [N, augment_dim] (EDM's non-leaky augmentation, training only) or None; returns
+    D(x;σ), the shape of x, float32.
     """
 
     def __init__(self, backbone: nn.Module, sigma_data: float = 0.5,
@@ -68,14 +71,18 @@ class EDMPrecond(nn.Module):
         self.label_dim = int(label_dim)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float,
-                class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                class_labels: Optional[torch.Tensor] = None,
+                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x.to(torch.float32)
         sigma = expand_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-        if self.label_dim == 0:
-            class_labels = None
+        if self.label_dim == 0 and class_labels is not None:
+            raise InputError("class labels were given to an unconditional denoiser (label_dim=0)")
         ctx = (torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
                if self.autocast_dtype is not None else contextlib.nullcontext())
         with ctx:
-            F_x = self.backbone(c_in * x, c_noise.flatten(), class_labels)
+            if augment_labels is None:
+                F_x = self.backbone(c_in * x, c_noise.flatten(), class_labels)
+            else:
+                F_x = self.backbone(c_in * x, c_noise.flatten(), class_labels, augment_labels=augment_labels)
         return c_skip * x + c_out * F_x.to(torch.float32)

@@ -4,11 +4,12 @@ Typical use (SPEC section 4)::
 
     from sims.metrics import build_feature_extractor, compute_stats, frechet_distance, load_npz
     ext = build_feature_extractor("digits")
-    fake = compute_stats(ext, sample_batches)          # all-reduced over ranks when distributed
+    fake = compute_stats(ext, sample_batches, ctx=ctx)  # all-reduced over the ranks of a DistContext
     mu_r, sigma_r = load_npz("ref.npz")
     fd = frechet_distance(*fake.mean_cov(), mu_r, sigma_r)
 """
 from sims.metrics.features import (
+    FEATURE_EXTRACTORS,
     DigitsClassifier,
     DigitsFeatures,
     IdentityFeatures,
@@ -18,7 +19,7 @@ from sims.metrics.features import (
     judge_digits,
     load_digits_classifier,
 )
-from sims.metrics.frechet import frechet_distance, kernel_inception_distance, precision_recall
+from sims.metrics.frechet import KNNManifold, frechet_distance, kernel_inception_distance, precision_recall
 from sims.metrics.stats import FeatureStats, check_feature_dim, load_npz, save_npz
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "frechet_distance",
     "kernel_inception_distance",
     "precision_recall",
+    "KNNManifold",
+    "FEATURE_EXTRACTORS",
     "IdentityFeatures",
     "DigitsClassifier",
     "DigitsFeatures",

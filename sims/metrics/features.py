@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sims.data.images import from_uint8, to_uint8
+from sims.errors import InputError, MissingDependencyError, MissingFileError
 from sims.metrics.stats import FeatureStats
 
 __all__ = [
@@ -95,7 +97,7 @@ def _digits_input(x: torch.Tensor, clamp: bool) -> torch.Tensor:
     float in [−1, 1] or uint8 in [0, 255] (converted with x/127.5 − 1).
     """
     if x.dtype == torch.uint8:
-        x = x.float() / 127.5 - 1.0
+        x = from_uint8(x)
     x = x.float()
     if x.ndim == 2 and x.shape[1] in (64, 256):
         side = int(round(x.shape[1] ** 0.5))
@@ -165,7 +167,7 @@ class DigitsClassifier(_EvalOnly):
 
         path = Path(path) if path is not None else DIGITS_WEIGHTS
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"digits classifier weights not found at {path}; regenerate them with "
                 f"`python -m sims.metrics.train_digits_features`"
             )
@@ -263,14 +265,14 @@ class InceptionFeatures(_EvalOnly):
         super().__init__()
         hint = f"Inception weights are never downloaded: set sims.inception_weights=PATH to {INCEPTION_FILE}"
         if weights_path is None:
-            raise ValueError(hint)
+            raise InputError(hint)
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"{hint} (no file at {path})")
+            raise MissingFileError(f"{hint} (no file at {path})")
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except Exception as exc:  # ImportError, or a broken torchvision raising RuntimeError/OSError
-            raise ImportError(
+            raise MissingDependencyError(
                 "Inception features need torch-fidelity and torchvision, which are optional: "
                 f"pip install 'sims[fid]' ({type(exc).__name__}: {exc})"
             ) from exc
@@ -286,8 +288,7 @@ class InceptionFeatures(_EvalOnly):
         """[N, C, H, W] in [−1, 1] → uint8 RGB [N, 3, H, W] (grayscale repeated), PNG rounding."""
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"Inception features need images [N, 1|3, H, W], got {tuple(x.shape)}")
-        if x.dtype != torch.uint8:
-            x = torch.round(127.5 * x.float() + 127.5).clamp(0, 255).to(torch.uint8)
+        x = to_uint8(x)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         return x
@@ -324,7 +325,7 @@ def build_feature_extractor(
         return DigitsFeatures()
     if key == "inception":
         return InceptionFeatures(inception_weights)
-    raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(FEATURE_EXTRACTORS)}")
+    raise InputError(f"unknown feature extractor {name!r}; choose one of {', '.join(FEATURE_EXTRACTORS)}")
 
 
 def _batch_tensor(batch: Any) -> torch.Tensor:
@@ -346,7 +347,7 @@ def compute_stats(
     device: Union[str, torch.device, None] = None,
     *,
     max_items: int = 0,
-    all_reduce: bool = True,
+    ctx=None,
 ) -> FeatureStats:
     """Run ``extractor`` over ``batches`` and accumulate :class:`FeatureStats`.
 
@@ -356,8 +357,8 @@ def compute_stats(
             whose first element is that (e.g. (images, labels) from a DataLoader).
         device: where to run the extractor (default: CPU).
         max_items: raw features to keep for KID / precision-recall (see FeatureStats).
-        all_reduce: when torch.distributed is initialised, sum the statistics of all ranks so every
-            rank returns the global statistics (each rank must pass its own shard of the data).
+        ctx: a :class:`sims.dist.DistContext`: sum the statistics of all its ranks so every rank
+            returns the global statistics (each rank passes its own shard of the data); None: this process only.
     Returns:
         The accumulated FeatureStats (D = ``extractor.feature_dim``).
     """
@@ -368,8 +369,8 @@ def compute_stats(
     for batch in batches:
         x = _batch_tensor(batch).to(dev)
         stats.update(extractor(x))
-    if all_reduce:
-        stats.all_reduce()
+    if ctx is not None:
+        stats.all_reduce(ctx)
     return stats
 
 

@@ -163,8 +163,44 @@ def _coverage(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, batch
     return inside / query.shape[0]
 
 
+class KNNManifold:
+    """A feature set's k-NN manifold (Kynkäänniemi et al. 2019, eq. 1): the features [N, D] and each
+    point's distance to its k-th nearest other point, computed once (e.g. for the real data, reused
+    by every precision/recall against it).
+
+    Args:
+        feats: [N, D] features (tensor or array).
+        k: neighbourhood size (SPEC section 4: 5).
+        batch_size: rows per distance block (memory ≈ batch_size × N × 4 bytes).
+        device: where to compute and keep the features (default CPU).
+    Raises:
+        ValueError: wrong shape, non-finite features, k < 1 or N ≤ k.
+    """
+
+    def __init__(self, feats: ArrayLike, k: int = 5, batch_size: int = 1024,
+                 device: Optional[Union[str, torch.device]] = None):
+        f, _ = _check_pair(feats, feats, ("features", "features"))
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if f.shape[0] <= k:
+            raise ValueError(f"a k-NN manifold with k={k} needs more than k rows, got {f.shape[0]}")
+        self.k, self.batch_size = int(k), int(batch_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.feats = torch.as_tensor(f, dtype=torch.float32, device=self.device)
+        self.radii = _kth_nn_radii(self.feats, self.k, self.batch_size)
+
+    def __len__(self) -> int:
+        return int(self.feats.shape[0])
+
+    def coverage(self, query: ArrayLike) -> float:
+        """Fraction of ``query`` rows [M, D] inside this manifold."""
+        q = torch.as_tensor(np.asarray(query) if not torch.is_tensor(query) else query, dtype=torch.float32,
+                            device=self.device)
+        return _coverage(q, self.feats, self.radii, self.batch_size)
+
+
 def precision_recall(
-    real_feats: ArrayLike,
+    real_feats: Union[ArrayLike, KNNManifold],
     fake_feats: ArrayLike,
     k: int = 5,
     batch_size: int = 1024,
@@ -179,7 +215,9 @@ def precision_recall(
     row batches of ``batch_size`` (memory ≈ batch_size × N × 4 bytes).
 
     Args:
-        real_feats: [N_r, D]; fake_feats: [N_f, D] (use equal sizes for comparable numbers).
+        real_feats: [N_r, D], or a prepared :class:`KNNManifold` of the real features (its k,
+            batch size and device are used); fake_feats: [N_f, D]. Use equal sizes: the numbers
+            depend on N (the paper compares sets of equal size).
         k: neighbourhood size (SPEC section 4: 5; the paper's default is 3).
         batch_size: rows per distance block.
         device: where to compute (default CPU).
@@ -188,17 +226,7 @@ def precision_recall(
     Raises:
         ValueError: wrong shapes, different D, non-finite features, k < 1 or a set with ≤ k rows.
     """
-    r, f = _check_pair(real_feats, fake_feats, ("real_feats", "fake_feats"))
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if min(r.shape[0], f.shape[0]) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than k rows per set, got {r.shape[0]} and {f.shape[0]}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    rt = torch.as_tensor(r, dtype=torch.float32, device=dev)
-    ft = torch.as_tensor(f, dtype=torch.float32, device=dev)
-    real_radii = _kth_nn_radii(rt, k, batch_size)
-    fake_radii = _kth_nn_radii(ft, k, batch_size)
-    return {
-        "precision": _coverage(ft, rt, real_radii, batch_size),
-        "recall": _coverage(rt, ft, fake_radii, batch_size),
-    }
+    real = real_feats if isinstance(real_feats, KNNManifold) else KNNManifold(real_feats, k, batch_size, device)
+    _, f = _check_pair(real.feats.cpu().numpy()[:1], fake_feats, ("real_feats", "fake_feats"))
+    fake = KNNManifold(f, real.k, real.batch_size, real.device)
+    return {"precision": real.coverage(fake.feats), "recall": fake.coverage(real.feats)}

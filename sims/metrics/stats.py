@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from sims.errors import InputError, MissingFileError
 from sims.utils import atomic_write
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -135,60 +136,42 @@ class FeatureStats:
             self._num_kept += take.shape[0]
         return self
 
-    def all_reduce(self, group: Any = None) -> "FeatureStats":
-        """Sum the statistics of every rank of ``torch.distributed`` into every rank, in place.
+    def all_reduce(self, ctx) -> "FeatureStats":
+        """Sum the statistics of every rank of ``ctx`` (a :class:`sims.dist.DistContext`) into every
+        rank, in place; a no-op in one process.
 
-        A no-op when torch.distributed is not available/initialised or the world size is 1.
-        Moments are combined with ``all_reduce(SUM)`` (float64); kept raw features with
-        ``all_gather`` (padded to the largest rank's count) and concatenated in rank order, then cut
-        to ``max_items``. Every rank must call this (it is a collective) and must have seen at least
-        one update or been created with ``dim`` (otherwise D is unknown: ValueError).
-        On the NCCL backend the buffers travel through the current CUDA device.
+        Moments are summed in float64; kept raw features are gathered (padded to the largest
+        rank's count), concatenated in rank order and cut to ``max_items``. Every rank must call
+        this (it is a collective), also a rank that saw no features: the dimension comes from
+        ``dim`` at construction or the first update, and is checked to agree across ranks.
 
         Returns:
             ``self``; afterwards every rank holds identical statistics.
+        Raises:
+            ValueError: a rank without a known dimension, or ranks that disagree on it.
         """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if not ctx.distributed:
             return self
-        world = dist.get_world_size(group)
-        if world == 1:
-            return self
+        d = -1 if self.dim is None else int(self.dim)
+        dims = ctx.all_gather(torch.tensor([d], dtype=torch.int64))
+        known = {int(t) for t in dims} - {-1}
+        if len(known) != 1:
+            raise ValueError(f"ranks disagree on (or do not know) the feature dimension: {sorted(known)}; "
+                             "create FeatureStats(dim=extractor.feature_dim)")
         if self.dim is None:
-            raise ValueError("FeatureStats.all_reduce: D unknown on this rank (no update); pass dim= at construction")
-        device = torch.device("cpu")
-        backend = str(dist.get_backend(group))
-        if "nccl" in backend and "gloo" not in backend:
-            device = torch.device("cuda", torch.cuda.current_device())
-        # Check every rank agrees on D before summing buffers of possibly different sizes.
-        dims = torch.tensor([self.dim, -self.dim], dtype=torch.int64, device=device)
-        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
-        if int(dims[0]) != self.dim or -int(dims[1]) != self.dim:
-            raise ValueError(f"ranks disagree on the feature dimension (this rank D={self.dim})")
-
-        count = torch.tensor([self.count], dtype=torch.float64, device=device)
-        s = self.sum.to(device)
-        o = self.outer.to(device)
-        for t in (count, s, o):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        self.count = int(round(count.item()))
-        self.sum = s.cpu()
-        self.outer = o.cpu()
-
+            self._allocate(known.pop())
+        self.count = int(round(float(ctx.all_reduce(torch.tensor([float(self.count)], dtype=torch.float64)))))
+        self.sum = ctx.all_reduce(self.sum)
+        self.outer = ctx.all_reduce(self.outer)
         if self.max_items > 0:
             local = self.features()
-            n_local = torch.tensor([local.shape[0]], dtype=torch.int64, device=device)
-            sizes = [torch.zeros_like(n_local) for _ in range(world)]
-            dist.all_gather(sizes, n_local, group=group)
-            sizes_i = [int(x.item()) for x in sizes]
-            n_max = max(sizes_i)
+            sizes = [int(t) for t in ctx.all_gather(torch.tensor([local.shape[0]], dtype=torch.int64))]
+            n_max = max(sizes)
             if n_max > 0:
-                padded = torch.zeros(n_max, self.dim, dtype=torch.float32, device=device)
-                padded[: local.shape[0]] = local.to(device)
-                gathered = [torch.empty_like(padded) for _ in range(world)]
-                dist.all_gather(gathered, padded, group=group)
-                kept = torch.cat([g[:n].cpu() for g, n in zip(gathered, sizes_i)])[: self.max_items]
+                padded = torch.zeros(n_max, self.dim, dtype=torch.float32)
+                padded[: local.shape[0]] = local
+                gathered = ctx.all_gather(padded)
+                kept = torch.cat([g[:n] for g, n in zip(gathered, sizes)])[: self.max_items]
                 self._kept = [kept]
                 self._num_kept = kept.shape[0]
         return self
@@ -262,7 +245,7 @@ def check_feature_dim(mu: np.ndarray, feature_dim: int, source: str = "reference
     """
     d_ref = int(np.asarray(mu).shape[0])
     if d_ref != int(feature_dim):
-        raise ValueError(
+        raise InputError(
             f"{source} have D={d_ref} features but the extractor gives D={feature_dim}: they were "
             f"computed with a different feature extractor (D=2048 is Inception-v3 pool3); recompute "
             f"the reference with the same extractor or choose the matching one"
@@ -305,21 +288,21 @@ def load_npz(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"reference statistics not found: {os.fspath(path)} (compute them from the real data with "
             f"FeatureStats.save_npz, or point to an EDM reference .npz with keys mu, sigma)"
         )
     try:
         data = np.load(path, allow_pickle=False)
         if not hasattr(data, "files"):  # np.load gives an NpzFile for archives, an ndarray for .npy
-            raise ValueError("a single .npy array, not an .npz archive")
+            raise InputError("a single .npy array, not an .npz archive")
     except Exception as exc:  # zipfile.BadZipFile, OSError, pickled content, ...
-        raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     with data:
         keys = list(data.keys())
         missing = [k for k in ("mu", "sigma") if k not in keys]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{path}: reference statistics need keys 'mu' and 'sigma' (EDM format), missing "
                 f"{missing}; keys found: {keys}"
             )
@@ -331,9 +314,9 @@ def load_npz(path: Union[str, Path]) -> Tuple[np.ndarray, np.ndarray]:
 
 def _check_mu_sigma(mu: np.ndarray, sigma: np.ndarray, source: str) -> None:
     if mu.ndim != 1:
-        raise ValueError(f"{source}: mu must be 1-D [D], got shape {mu.shape}")
+        raise InputError(f"{source}: mu must be 1-D [D], got shape {mu.shape}")
     d = mu.shape[0]
     if sigma.shape != (d, d):
-        raise ValueError(f"{source}: sigma must be [D, D] = [{d}, {d}] to match mu, got shape {sigma.shape}")
+        raise InputError(f"{source}: sigma must be [D, D] = [{d}, {d}] to match mu, got shape {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{source}: mu/sigma contain NaN or Inf")
+        raise InputError(f"{source}: mu/sigma contain NaN or Inf")

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from sims.networks.ddpmpp import group_norm_groups, labels_to_onehot
+from sims.networks.layers import group_norm_groups, labels_to_onehot
 
 
 def _import_unet2d():
@@ -27,15 +27,16 @@ def _import_unet2d():
 def diffusers_unet_kwargs(img_resolution: int, img_channels: int, model_channels: int = 128,
                           channel_mult: Sequence[int] = (2, 2, 2), num_blocks: int = 4,
                           attn_resolutions: Sequence[int] = (16,), dropout: float = 0.0,
-                          embedding_dim_mult: int = 4, label_dim: int = 0,
+                          channel_mult_emb: int = 4, label_dim: int = 0,
                           adaptive_scale: bool = True) -> Dict[str, Any]:
     """``UNet2DModel`` keyword arguments with the same layout as a DDPM++ configuration.
 
     Level l has ``model_channels * channel_mult[l]`` channels and ``num_blocks`` ResNet layers
     (``num_blocks + 1`` in the decoder), attention blocks (single head) at the resolutions in
-    ``attn_resolutions``, a time embedding of width ``model_channels * embedding_dim_mult``,
+    ``attn_resolutions``, a time embedding of width ``model_channels * channel_mult_emb``,
     GroupNorm groups that divide every width, and scale-shift time injection when
-    ``adaptive_scale`` (``resnet_time_scale_shift='scale_shift'``, like DDPM++'s FiLM default). diffusers' layout differs in details (first conv to
+    ``adaptive_scale`` (``resnet_time_scale_shift='scale_shift'``, like DDPM++'s FiLM option; False is
+    additive injection, like EDM's DDPM++). diffusers' layout differs in details (first conv to
     ``model_channels * channel_mult[0]``, strided-conv down-sampling, attention after every layer of
     an attention level), so the parameter counts differ; see :func:`diffusers_unet_kwargs_matching`.
 
@@ -53,7 +54,7 @@ def diffusers_unet_kwargs(img_resolution: int, img_channels: int, model_channels
         sample_size=img_resolution, in_channels=img_channels, out_channels=img_channels,
         block_out_channels=tuple(widths), layers_per_block=int(num_blocks),
         down_block_types=down, up_block_types=up, dropout=float(dropout),
-        time_embedding_dim=int(model_channels * embedding_dim_mult),
+        time_embedding_dim=int(model_channels * channel_mult_emb),
         norm_num_groups=group_norm_groups(math.gcd(*widths)), attention_head_dim=None,
         flip_sin_to_cos=True, freq_shift=0,
         resnet_time_scale_shift="scale_shift" if adaptive_scale else "default",
@@ -93,17 +94,19 @@ def diffusers_unet_kwargs_matching(target_params: int, img_resolution: int, img_
 
 
 class DiffusersUNet(nn.Module):
-    """diffusers ``UNet2DModel`` behind the backbone signature ``forward(x, noise_labels, class_labels=None)``.
+    """diffusers ``UNet2DModel`` behind the backbone signature of :mod:`sims.networks`.
+
+    ``forward(x, noise_labels, class_labels=None, augment_labels=None)``.
 
     Args:
         unet_kwargs: keyword arguments for ``UNet2DModel`` (see :func:`diffusers_unet_kwargs`).
             If ``num_class_embeds`` is set, the class embedding is a bias-free Linear on one-hot /
             soft labels (so the all-zero label means 'unconditional', as for DDPM++).
     forward: x [N, C, H, W]; noise_labels c_noise float [N] (passed as the timestep);
-        class_labels float [N, label_dim], integer [N] or None -> [N, C, H, W].
+        class_labels float [N, label_dim], integer [N] or None; augment_labels None -> [N, C, H, W].
     Raises:
         ImportError: diffusers is not installed.
-        ValueError: bad label or noise-label shapes.
+        ValueError: bad label or noise-label shapes; augment_labels that are not None.
     """
 
     def __init__(self, unet_kwargs: Dict[str, Any]):
@@ -116,7 +119,10 @@ class DiffusersUNet(nn.Module):
             self.unet.class_embedding = nn.Linear(self.label_dim, emb_dim, bias=False)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                class_labels: Optional[torch.Tensor] = None,
+                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if augment_labels is not None:
+            raise ValueError("DiffusersUNet has no augmentation conditioning; augment_labels must be None")
         noise_labels = torch.as_tensor(noise_labels, device=x.device, dtype=torch.float32)
         if noise_labels.ndim == 0:
             noise_labels = noise_labels.expand(x.shape[0])

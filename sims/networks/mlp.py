@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sims.networks.ddpmpp import PositionalEmbedding, _init_small, labels_to_onehot
+from sims.networks.layers import PositionalEmbedding, init_small, labels_to_onehot
 
 
 class MLPBlock(nn.Module):
@@ -29,7 +29,7 @@ class MLPBlock(nn.Module):
         self.fc0 = nn.Linear(hidden_dim, hidden_dim)
         self.affine = nn.Linear(emb_dim, 2 * hidden_dim)
         self.dropout = nn.Dropout(dropout)
-        self.fc1 = _init_small(nn.Linear(hidden_dim, hidden_dim))
+        self.fc1 = init_small(nn.Linear(hidden_dim, hidden_dim))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.affine(emb).chunk(2, dim=1)
@@ -41,9 +41,9 @@ class MLPBlock(nn.Module):
 class MLPBackbone(nn.Module):
     """MLP denoiser backbone for vector data.
 
-    Embedding: PositionalEmbedding(c_noise) [N, hidden_dim] (+ Linear(one-hot label)) -> Linear ->
-    SiLU -> Linear -> SiLU, width E = hidden_dim. Trunk: Linear(d -> hidden_dim), ``num_layers``
-    :class:`MLPBlock`, then LayerNorm -> SiLU -> Linear(hidden_dim -> d) initialised ~0 (the
+    Embedding: PositionalEmbedding(c_noise) [N, hidden_dim] ([cos, sin], endpoint=True)
+    (+ Linear(one-hot label)) -> Linear -> SiLU -> Linear -> SiLU, width E = hidden_dim.
+    Trunk: Linear(d -> hidden_dim), ``num_layers`` :class:`MLPBlock`, then LayerNorm -> SiLU -> Linear(hidden_dim -> d) initialised ~0 (the
     untrained F is ~0).
 
     Args:
@@ -54,9 +54,10 @@ class MLPBackbone(nn.Module):
         dropout: dropout inside the blocks.
         max_positions: inverse lowest frequency of the sinusoidal embedding.
     forward(x [N, d], noise_labels [N] float (c_noise), class_labels float [N, label_dim] or
-        integer [N] or None) -> [N, d].
+        integer [N] or None, augment_labels None) -> [N, d].
     Raises:
-        ValueError: bad sizes at construction; wrong x / noise_labels / label shapes in forward.
+        ValueError: bad sizes at construction; wrong x / noise_labels / label shapes in forward;
+            augment_labels that are not None.
     """
 
     def __init__(self, data_dim: int, hidden_dim: int = 256, num_layers: int = 4, label_dim: int = 0,
@@ -70,17 +71,20 @@ class MLPBackbone(nn.Module):
             raise ValueError(f"hidden_dim must be even and >= 4, got {hidden_dim}")
         self.data_dim = int(data_dim)
         self.label_dim = int(label_dim)
-        self.map_noise = PositionalEmbedding(hidden_dim, max_positions=max_positions)
+        self.map_noise = PositionalEmbedding(hidden_dim, max_positions=max_positions, endpoint=True)
         self.map_label = nn.Linear(label_dim, hidden_dim, bias=False) if label_dim else None
         self.map_layer0 = nn.Linear(hidden_dim, hidden_dim)
         self.map_layer1 = nn.Linear(hidden_dim, hidden_dim)
         self.fc_in = nn.Linear(data_dim, hidden_dim)
         self.blocks = nn.ModuleList(MLPBlock(hidden_dim, hidden_dim, dropout) for _ in range(num_layers))
         self.out_norm = nn.LayerNorm(hidden_dim)
-        self.fc_out = _init_small(nn.Linear(hidden_dim, data_dim))
+        self.fc_out = init_small(nn.Linear(hidden_dim, data_dim))
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                class_labels: Optional[torch.Tensor] = None,
+                augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if augment_labels is not None:
+            raise ValueError("MLPBackbone has no augmentation conditioning; augment_labels must be None")
         if x.ndim != 2 or x.shape[1] != self.data_dim:
             raise ValueError(f"MLPBackbone expects x of shape [N, {self.data_dim}], got {tuple(x.shape)}")
         noise_labels = torch.as_tensor(noise_labels, device=x.device)

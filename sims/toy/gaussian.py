@@ -236,7 +236,7 @@ class GaussianMLE:
         if not (np.isfinite(sampling_bias) and sampling_bias > 0):
             raise ValueError(f"loop.sampling_bias must be a positive finite number, got {sampling_bias}")
         if not (np.isfinite(guidance) and guidance >= 0):
-            raise ValueError(f"loop.sampling_guidance must be finite and >= 0, got {guidance}")
+            raise ValueError(f"loop.omega must be finite and >= 0, got {guidance}")
         if aux_size < 1:
             raise ValueError(f"auxiliary sample size must be >= 1, got {aux_size}")
         self.dim, self.sampling_bias, self.guidance, self.aux_size = int(dim), float(sampling_bias), float(guidance), int(aux_size)
@@ -301,3 +301,9 @@ class GaussianMLE:
         """:func:`gaussian_metrics` of the fitted (for ``sims``: guided) Gaussian; ``samples`` unused."""
         mu, cov = self._fitted()
         return gaussian_metrics(mu, cov)
+
+
+def factory(cfg, ctx=None) -> GaussianMLE:
+    """``loop.model=gaussian``: :class:`GaussianMLE` from the ``loop`` section (ω = ``loop.omega``)."""
+    lp = cfg.loop
+    return GaussianMLE(dim=lp.dim, sampling_bias=lp.sampling_bias, guidance=lp.omega, aux_size=lp.num_synthetic)

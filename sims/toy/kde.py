@@ -129,3 +129,10 @@ class KDEModel:
         if test is None:
             test = self._test[seed] = toy_real_data(self.toy, self.num_test, self.noise, seed)
         return {"test_nll": float(-np.mean(self._kde.score_samples(test)))}
+
+
+def factory(cfg, ctx=None) -> KDEModel:
+    """``loop.model=kde``: :class:`KDEModel` from the ``loop`` section and ``data.noise``."""
+    lp = cfg.loop
+    return KDEModel(toy=lp.toy, bandwidth=lp.bandwidth, noise=cfg.data.noise, num_test=lp.num_test,
+                    sampling_bias=lp.sampling_bias)

@@ -1,88 +1,91 @@
-"""Lightning callbacks: periodic Fréchet-distance evaluation of the EMA model during training."""
+"""Lightning callbacks: periodic evaluation of the EMA model during training."""
 from __future__ import annotations
 
-import random
-from typing import Optional
+from typing import Any, Callable, Dict, List
 
 import lightning as L
-import numpy as np
 import torch
 
 
 class FDEvalCallback(L.Callback):
-    """Every ``every_kimg`` thousand training images, sample ``num_samples`` seeds from the EMA
-    denoiser (sharded over ranks), and log ``fd`` (Fréchet distance to the training data's
-    statistics in ``extractor``'s features, Heusel et al. 2017) plus ``precision``/``recall``.
+    """Every ``every_kimg`` thousand training images, call ``evaluate(ema_denoiser)`` on every rank
+    and log what it returns (e.g. ``fd``, ``precision``, ``recall``).
 
-    The evaluation draws its noise from per-seed generators (seeds 0..num_samples−1, fixed, so the
-    curve is comparable across evaluations) and saves/restores the global CPU, CUDA, numpy and
-    Python RNG states, so training is bit-for-bit what it would be without the callback.
+    The callback does not know how evaluation works: the stage that builds it passes
+    :func:`sims.stages.evaluate.evaluate_denoiser` bound to the real data's reference statistics and
+    to fixed seeds in the selection range, so the curve is comparable across evaluations and never
+    touches the report seed sets. Training is unchanged by it: training randomness is a function of
+    (seed, slice, step) (:mod:`sims.training.module`), not of the global generators' state.
 
     Args:
         every_kimg: evaluation period in kimg (> 0).
-        num_samples: samples per evaluation.
-        extractor: features [N, D] of samples (see :mod:`sims.metrics.features`).
-        real: the training data [N, ...] (reference statistics and precision/recall).
-        sampler: ``SamplerConfig`` dict.
-        batch_size: seeds per sampling batch.
+        evaluate: ``evaluate(denoiser) -> {metric: float}``; collective (called on every rank).
+    Raises:
+        ValueError: every_kimg <= 0.
     """
 
-    def __init__(self, every_kimg: float, num_samples: int, extractor, real: torch.Tensor, sampler: dict,
-                 batch_size: int = 256):
-        if every_kimg <= 0 or num_samples < 2:
-            raise ValueError("FDEvalCallback needs every_kimg > 0 and num_samples >= 2")
+    def __init__(self, every_kimg: float, evaluate: Callable[[Any], Dict[str, float]]):
+        if every_kimg <= 0:
+            raise ValueError("FDEvalCallback needs every_kimg > 0")
         self.every_nimg = every_kimg * 1000.0
-        self.num_samples = int(num_samples)
-        self.extractor = extractor
-        self.real = real
-        self.sampler = dict(sampler)
-        self.batch_size = int(batch_size)
-        self._ref = None
-        self.history = []
-
-    def _reference(self, device):
-        if self._ref is None:
-            from sims.evaluation import real_statistics
-
-            self._ref = real_statistics(self.extractor, self.real, device)
-        return self._ref
+        self.evaluate = evaluate
+        self.history: List[Dict[str, float]] = []
+        self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.global_step == self._last_step:  # a further micro-batch of the same optimizer step
+            return
+        self._last_step = pl_module.global_step
         prev = (pl_module.global_step - 1) * pl_module.batch_size
         if int(pl_module.cur_nimg // self.every_nimg) == int(prev // self.every_nimg):
             return
-        fd = self.evaluate(pl_module)
-        pl_module.log_dict(fd, on_step=True, on_epoch=False, sync_dist=False)
-        self.history.append({"kimg": pl_module.cur_nimg / 1000.0, **fd})
-
-    @torch.no_grad()
-    def evaluate(self, pl_module) -> dict:
-        from sims.evaluation import evaluate_one
-        from sims.metrics import frechet_distance, precision_recall
-
-        device = pl_module.device
-        states = _rng_state()
-        try:
-            extractor = self.extractor.to(device) if isinstance(self.extractor, torch.nn.Module) else self.extractor
-            (mu_r, sigma_r), real_feats = self._reference(device)
-            stats, _, _ = evaluate_one(pl_module.ema.module, list(range(self.num_samples)), pl_module.data_shape,
-                                       pl_module.label_dim, self.sampler, extractor, device, self.batch_size, keep=0)
-            mu, sigma = stats.mean_cov()
-            out = {"fd": frechet_distance(mu, sigma, mu_r, sigma_r), **precision_recall(real_feats, stats.features(), k=5)}
-        finally:
-            _set_rng_state(states)
-        return out
+        with torch.no_grad():
+            result = {k: float(v) for k, v in self.evaluate(pl_module.ema.module).items()
+                      if isinstance(v, (int, float))}
+        pl_module.log_dict(result, on_step=True, on_epoch=False, sync_dist=False)
+        self.history.append({"kimg": pl_module.cur_nimg / 1000.0, **result})
 
 
-def _rng_state():
-    return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            np.random.get_state(), random.getstate())
+def snapshot_name(kimg: float) -> str:
+    """Folder name of a snapshot taken at ``kimg`` thousand images, e.g. ``kimg38.4``."""
+    return f"kimg{float(kimg):g}"
 
 
-def _set_rng_state(states) -> None:
-    cpu, cuda, np_state, py_state = states
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-    np.random.set_state(np_state)
-    random.setstate(py_state)
+def snapshot_kimg(name: str) -> float:
+    """The kimg of a :func:`snapshot_name` folder."""
+    return float(name[len("kimg"):])
+
+
+class SnapshotCallback(L.Callback):
+    """Export every EMA of the module to ``stage_dir/snapshots/kimg<K>/`` each time training passes a
+    multiple of ``every_kimg`` (rank 0), before the final step — the auxiliary snapshots the SIMS
+    evaluation sweeps (its best fine-tune length is not known in advance).
+
+    Args:
+        every_kimg: period in kimg (> 0).
+        stage_dir: the stage's folder.
+        total_kimg: the stage's length; no snapshot is taken at or after it (the final export is the last).
+        is_main: True on global rank 0 (the only one that writes).
+    """
+
+    def __init__(self, every_kimg: float, stage_dir, total_kimg: float, is_main: bool = True):
+        if every_kimg <= 0:
+            raise ValueError("SnapshotCallback needs every_kimg > 0")
+        from pathlib import Path
+
+        self.every_nimg, self.total_nimg = every_kimg * 1000.0, total_kimg * 1000.0
+        self.root = Path(stage_dir) / "snapshots"
+        self.is_main = is_main
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.global_step == self._last_step:
+            return
+        self._last_step = pl_module.global_step
+        nimg, prev = pl_module.cur_nimg, (pl_module.global_step - 1) * pl_module.batch_size
+        if nimg >= self.total_nimg or int(nimg // self.every_nimg) == int(prev // self.every_nimg):
+            return
+        if self.is_main:
+            from sims.training.export import export_module
+
+            export_module(pl_module, self.root / snapshot_name(nimg / 1000.0), stage="snapshot")

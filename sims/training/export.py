@@ -1,7 +1,12 @@
-"""Inference weights: the EMA denoiser as safetensors + its architecture in the file's metadata.
+"""Inference weights: an EDM denoiser as safetensors + its architecture in the file's metadata.
 
 No pickled code: a file loads with ``safetensors`` and the network config stored beside the
-tensors, so sampling never needs to trust (unpickle) a checkpoint.
+tensors, so sampling never needs to trust (unpickle) a checkpoint. Metadata (JSON strings):
+``format`` (:data:`FORMAT`), ``network`` (a ``NetworkConfig`` dict), ``data_shape``, ``label_dim``,
+``sigma_data``, ``kimg``, ``ema_halflife_kimg`` and whatever the caller adds (stage, source SHA-256…).
+
+A stage folder holds the main EMA as ``ema.safetensors`` and every further EMA half-life as
+``ema-<key>.safetensors`` (:func:`sims.training.module.ema_key`).
 """
 from __future__ import annotations
 
@@ -11,44 +16,56 @@ from typing import Any, Dict, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sims.diffusion import EDMPrecond
+from sims.errors import MissingFileError, WeightsError
 from sims.utils import atomic_write
 
-
-class WeightsError(ValueError):
-    """Exported weights missing, unreadable, or not matching what the caller needs."""
+FORMAT = "sims-denoiser/2"
 
 
-def export_denoiser(module, path: str | Path, **extra: Any) -> Path:
-    """Write ``module.ema.module`` (an :class:`EDMPrecond`) to ``path`` atomically.
+def save_denoiser(denoiser: EDMPrecond, path: str | Path, *, network: Dict[str, Any], data_shape, label_dim: int,
+                  sigma_data: float, **extra: Any) -> Path:
+    """Write ``denoiser``'s tensors and its description to ``path`` atomically.
 
-    Metadata (JSON strings): ``network``, ``data_shape``, ``label_dim``, ``sigma_data``, ``kimg``
-    and any ``extra`` keys.
+    Args:
+        denoiser: an :class:`EDMPrecond` (its state dict is saved, on CPU).
+        network: the ``NetworkConfig`` dict that builds its backbone.
+        data_shape: one sample's shape; label_dim: classes; sigma_data: σ_d.
+        extra: further JSON-able metadata.
+    Returns:
+        ``path``.
     """
-    meta = {
-        "network": json.dumps(dict(module.hparams["network"])),
-        "data_shape": json.dumps(list(module.data_shape)),
-        "label_dim": str(module.label_dim),
-        "sigma_data": str(module.train_cfg["sigma_data"]),
-        "kimg": str(module.cur_nimg / 1000.0),
-        **{k: json.dumps(v) for k, v in extra.items()},
-    }
-    state = {k: v.detach().cpu().contiguous() for k, v in module.ema.module.state_dict().items()}
-    atomic_write(Path(path), lambda p: save_file(state, str(p), metadata=meta))
+    meta = {"format": FORMAT, "network": dict(network), "data_shape": list(data_shape), "label_dim": int(label_dim),
+            "sigma_data": float(sigma_data), **extra}
+    encoded = {k: json.dumps(v) for k, v in meta.items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+    atomic_write(Path(path), lambda p: save_file(state, str(p), metadata=encoded))
     return Path(path)
 
 
+def export_module(module, stage_dir: str | Path, **extra: Any) -> Path:
+    """Write every EMA of an :class:`~sims.training.module.EDMModule` into ``stage_dir``
+    (``ema.safetensors`` and ``ema-<key>.safetensors``). Returns the main file's path."""
+    stage_dir = Path(stage_dir)
+    common = dict(network=dict(module.hparams["network"]), data_shape=module.data_shape, label_dim=module.label_dim,
+                  sigma_data=module.train_cfg["sigma_data"], kimg=module.cur_nimg / 1000.0)
+    for key, ema in module.averages().items():
+        name = "ema.safetensors" if key == "" else f"ema-{key}.safetensors"
+        save_denoiser(ema.module, stage_dir / name, ema_halflife_kimg=ema.halflife_kimg, **common, **extra)
+    return stage_dir / "ema.safetensors"
+
+
 def read_metadata(path: str | Path) -> Dict[str, Any]:
-    """The decoded metadata of an exported file (see :func:`export_denoiser`).
+    """The decoded metadata of an exported file (see :func:`save_denoiser`).
 
     Raises:
-        WeightsError: file missing or not a safetensors file.
+        MissingFileError: no file. WeightsError: not a safetensors file, or not a sims export of this format.
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"no exported weights at {path}: train the model first (sims-train)")
+        raise MissingFileError(f"no exported weights at {path}: train the model first (sims-train)")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -60,17 +77,20 @@ def read_metadata(path: str | Path) -> Dict[str, Any]:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
             out[k] = v
+    if out.get("format") != FORMAT:
+        found = out.get("format", "no format tag (an older sims export)")
+        raise WeightsError(f"{path} is not a {FORMAT} file ({found}); re-export it with this version of sims")
     return out
 
 
 def load_denoiser(path: str | Path, device: str | torch.device = "cpu",
                   precision: str = "32-true") -> Tuple[EDMPrecond, Dict[str, Any]]:
-    """Rebuild the EMA denoiser from an exported file, in eval mode.
+    """Rebuild an exported denoiser, in eval mode, without gradients.
 
     Returns:
         (denoiser, metadata).
     Raises:
-        WeightsError: missing/corrupt file or weights that do not fit the stored architecture.
+        MissingFileError / WeightsError: missing or corrupt file, or weights that do not fit the stored architecture.
     """
     from sims.training.module import build_denoiser
 
@@ -80,10 +100,14 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu",
             raise WeightsError(f"{path} lacks metadata key {key!r}: not a sims export")
     net = build_denoiser(meta["network"], meta["data_shape"], int(meta["label_dim"]),
                          float(meta.get("sigma_data", 0.5)), precision)
-    from safetensors.torch import load_file
-
     try:
         net.load_state_dict(load_file(str(path)))
     except RuntimeError as exc:
         raise WeightsError(f"weights in {path} do not fit its network config: {str(exc).splitlines()[0]}") from None
     return net.eval().requires_grad_(False).to(device), meta
+
+
+def load_state(path: str | Path) -> Dict[str, torch.Tensor]:
+    """The raw tensors of an exported file (CPU), e.g. to initialise the auxiliary model from the base."""
+    read_metadata(path)
+    return load_file(str(path))
