@@ -46,6 +46,10 @@ class MissingFileError(InputError, FileNotFoundError):
     """A file the user named (weights, reference statistics, data) does not exist."""
 
 
+class OutputExistsError(InputError, FileExistsError):
+    """The output path exists and overwriting was not asked for (or is refused)."""
+
+
 class MissingDependencyError(SimsError, ImportError):
     """An optional dependency (the ``fid`` extra: torchvision, torch-fidelity) cannot be imported."""
 

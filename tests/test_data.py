@@ -19,13 +19,13 @@ from sims.data import (
     TOY_NAMES,
     ArrayDataset,
     DatasetError,
-    from_uint8_images,
+    from_uint8,
     load_digits_arrays,
     load_image_folder,
     load_real_dataset,
     make_toy,
     read_cifar10,
-    to_uint8_images,
+    to_uint8,
     write_image_folder,
 )
 
@@ -163,18 +163,18 @@ def test_folder_round_trip_rgb_labels(tmp_path, suffix):
     assert meta["labels"][1002] == ["00001/img00001002.png", int(labels[1002])]
     ds = load_real_dataset(_cfg(name="folder", path=str(out), resolution=4, channels=3, use_labels=True))
     assert ds.data.shape == (n, 3, 4, 4) and ds.label_dim == 7
-    assert torch.equal(to_uint8_images(ds.data), torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    assert torch.equal(to_uint8(ds.data), torch.from_numpy(pixels).permute(0, 3, 1, 2))
     assert torch.equal(ds.labels, torch.from_numpy(labels))
     assert int(ds[1002][1].argmax()) == labels[1002]
 
 
 def test_folder_round_trip_grayscale_quantised_no_labels(tmp_path):
     x = torch.rand(10, 1, 8, 8) * 2 - 1  # float images in [-1, 1], NCHW
-    q = to_uint8_images(x)
+    q = to_uint8(x)
     out = write_image_folder(tmp_path / "g.zip", q)
     ds = load_image_folder(out, resolution=8)
     assert ds.channels == 1 and ds.labels is None and ds.label_dim == 0
-    assert torch.equal(ds.data, from_uint8_images(q))  # pixel-exact after quantisation
+    assert torch.equal(ds.data, from_uint8(q))  # pixel-exact after quantisation
     assert (ds.data - x).abs().max() <= 0.5 / 127.5 + 1e-6
     xb, lb = next(iter(DataLoader(ds, batch_size=4)))
     assert xb.shape == (4, 1, 8, 8) and lb.shape == (4, 0)
@@ -271,7 +271,7 @@ def test_cifar10_pickle_reading(tmp_path):
     folder = _write_cifar(tmp_path)
     ds = load_real_dataset(_cfg(name="cifar10", path=str(folder), resolution=32, channels=3, use_labels=True))
     assert ds.data.shape == (15, 3, 32, 32) and ds.label_dim == 10
-    px = to_uint8_images(ds.data)
+    px = to_uint8(ds.data)
     assert px[4, 0].unique().tolist() == [11]  # batch 2 (b=1), image 1: red plane = 11
     assert px[4, 1].unique().tolist() == [100]
     assert px[4, 2, 0, 5] == 200 and px[4, 2].sum() == 200
@@ -313,7 +313,7 @@ def test_sims_dataset_cli(tmp_path, capsys):
     assert main(["digits", "--out", str(out), "--resolution", "16"]) == 0
     ds = load_image_folder(out, resolution=16, use_labels=True)
     x16, y16 = load_digits_arrays(16)
-    assert torch.equal(ds.data, from_uint8_images(to_uint8_images(x16)))
+    assert torch.equal(ds.data, from_uint8(to_uint8(x16)))
     assert torch.equal(ds.labels, y16) and ds.label_dim == 10
     assert main(["digits", "--out", str(out)]) == 2  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
@@ -323,4 +323,4 @@ def test_sims_dataset_cli(tmp_path, capsys):
     assert main(["cifar10", "--source", str(folder), "--out", str(out), "--no-labels"]) == 0
     ds = load_image_folder(out, resolution=32)
     assert ds.data.shape == (15, 3, 32, 32) and ds.labels is None
-    assert np.array_equal(to_uint8_images(ds.data).numpy(), read_cifar10(folder)[0])
+    assert np.array_equal(to_uint8(ds.data).numpy(), read_cifar10(folder)[0])

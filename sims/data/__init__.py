@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sims.data.cifar10 import load_cifar10, read_cifar10
-from sims.data.datasets import ArrayDataset, DatasetError, from_uint8_images, to_uint8_images
+from sims.data.datasets import ArrayDataset, DatasetError
+from sims.data.images import from_hwc_uint8, from_uint8, quantize, to_hwc_uint8, to_uint8
 from sims.data.digits import load_digits_arrays
 from sims.data.image_folder import image_name, load_image_folder, read_image_folder, write_image_folder
 from sims.data.toys import TOY_DIMS, TOY_NAMES, make_toy, toy_dim
@@ -25,7 +26,11 @@ __all__ = [
     "DatasetError",
     "TOY_DIMS",
     "TOY_NAMES",
-    "from_uint8_images",
+    "from_hwc_uint8",
+    "from_uint8",
+    "quantize",
+    "to_hwc_uint8",
+    "to_uint8",
     "image_name",
     "load_cifar10",
     "load_digits_arrays",
@@ -34,7 +39,6 @@ __all__ = [
     "make_toy",
     "read_cifar10",
     "read_image_folder",
-    "to_uint8_images",
     "toy_dim",
     "write_image_folder",
 ]
@@ -78,16 +82,20 @@ def load_real_dataset(cfg: "DataConfig") -> ArrayDataset:
             what = "a folder or .zip of PNGs" if name == "folder" else "the cifar-10-batches-py folder"
             raise DatasetError(f"data.name={name} needs data.path (set data.path=... to {what})")
         if name == "folder":
-            ds = load_image_folder(cfg.path, cfg.resolution, use_labels=use_labels, xflip=cfg.xflip)
+            from sims.data.zip_dataset import open_image_dataset
+
+            # in memory below a size, else streamed from the zip by each DataLoader worker
+            ds = open_image_dataset(cfg.path, cfg.resolution, use_labels=use_labels, xflip=cfg.xflip)
         else:
             if cfg.resolution != 32:
                 raise DatasetError(f"CIFAR-10 images are 32x32, got data.resolution={cfg.resolution} (set data.resolution=32)")
-            ds = load_cifar10(cfg.path, getattr(cfg, "split", "train"), use_labels=use_labels, xflip=cfg.xflip)
+            ds = load_cifar10(cfg.path, cfg.split, use_labels=use_labels, xflip=cfg.xflip)
     if ds.is_image and ds.channels != cfg.channels:
         raise DatasetError(f"data.channels={cfg.channels} but {ds.name} has {ds.channels} channels (set data.channels={ds.channels})")
     if cfg.max_size is not None:
         if cfg.max_size < 1:
             raise DatasetError(f"data.max_size must be >= 1 or null, got {cfg.max_size}")
-        if cfg.max_size < ds.data.shape[0]:
+        stored = ds.data.shape[0] if hasattr(ds, "data") else ds.num_items
+        if cfg.max_size < stored:
             ds = ds.subset(slice(0, cfg.max_size))
     return ds

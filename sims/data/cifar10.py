@@ -20,7 +20,8 @@ from typing import Tuple, Union
 
 import numpy as np
 
-from sims.data.datasets import ArrayDataset, DatasetError, from_uint8_images
+from sims.data.datasets import ArrayDataset, DatasetError
+from sims.data.images import from_uint8
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_SPLITS = {
@@ -120,5 +121,5 @@ def load_cifar10(
     """
     pixels, labels = read_cifar10(path, split)
     return ArrayDataset(
-        from_uint8_images(pixels), labels, label_dim=10 if use_labels else 0, xflip=xflip, name=f"cifar10-{split}"
+        from_uint8(pixels), labels, label_dim=10 if use_labels else 0, xflip=xflip, name=f"cifar10-{split}"
     )

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sims.data.images import from_uint8, to_uint8
 from sims.errors import DatasetError  # noqa: F401  (re-exported: sims.data.datasets.DatasetError)
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -179,8 +178,3 @@ class ArrayDataset(Dataset):
             f"ArrayDataset(name={self.name!r}, items={int(self.data.shape[0])}, shape={self.item_shape}, "
             f"label_dim={self.label_dim}, xflip={self.xflip})"
         )
-
-
-# Older names of the one conversion pair (sims.data.images); kept as aliases, not copies.
-to_uint8_images = to_uint8
-from_uint8_images = from_uint8

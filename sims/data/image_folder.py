@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from sims.data.datasets import ArrayDataset, ArrayLike, DatasetError, from_uint8_images
+from sims.data.datasets import ArrayDataset, ArrayLike, DatasetError
+from sims.data.images import from_uint8
 
 LABELS_FILE = "dataset.json"
 _MODE_CHANNELS = {"L": 1, "RGB": 3}
@@ -211,14 +212,14 @@ def load_image_folder(
     if use_labels and labels is None:
         raise DatasetError(f"data.use_labels=true but {path} has no labels (no dataset.json or \"labels\": null)")
     label_dim = (int(labels.max()) + 1) if use_labels and labels is not None else 0
-    return ArrayDataset(from_uint8_images(pixels), labels, label_dim=label_dim, xflip=xflip, name=str(path))
+    return ArrayDataset(from_uint8(pixels), labels, label_dim=label_dim, xflip=xflip, name=str(path))
 
 
 # ---------------------------------------------------------------------------------------- writing
 def _to_nhwc_uint8(images: ArrayLike, layout: Optional[str]) -> np.ndarray:
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if arr.dtype != np.uint8:
-        raise TypeError(f"write_image_folder expects uint8 pixels, got {arr.dtype} (quantise with to_uint8_images)")
+        raise TypeError(f"write_image_folder expects uint8 pixels, got {arr.dtype} (quantise with sims.data.images.to_uint8)")
     if arr.ndim == 3:
         return arr[..., None]
     if arr.ndim != 4:
