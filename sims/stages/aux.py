@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from sims.config import to_container
 from sims.dist import DistContext
 from sims.training.callbacks import SnapshotCallback
-from sims.training.export import load_state, read_metadata
+from sims.training.export import load_state, read_metadata, weights_sha256
 from sims.training.fit import fit_stage, stage_done
 from sims.training.module import EDMModule
 from sims.utils import derive_seed
@@ -63,4 +63,4 @@ def finetune_aux(ctx: DistContext, cfg: DictConfig, base_weights: Path, syntheti
         callbacks.append(SnapshotCallback(float(every), stage_dir, float(cfg.sims.aux_kimg), is_main=ctx.is_main))
     return fit_stage(ctx, stage_dir, module, synthetic, total_kimg=float(cfg.sims.aux_kimg), train=train,
                      num_workers=int(cfg.data.num_workers), callbacks=callbacks, progress=bool(cfg.train.progress_bar),
-                     export_meta={"base": str(base_weights)})
+                     export_meta={"base_sha256": weights_sha256(base_weights)})

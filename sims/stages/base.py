@@ -16,10 +16,10 @@ from sims.errors import ConfigError, WeightsError
 from sims.figures import save_sample_figure
 from sims.generation import generate
 from sims.training.callbacks import FDEvalCallback
-from sims.training.export import load_denoiser, read_metadata
+from sims.training.export import load_denoiser, read_metadata, weights_sha256
 from sims.training.fit import fit_stage, stage_done
 from sims.training.module import EDMModule, steps_for_kimg
-from sims.utils import atomic_write_json, atomic_write_text, sha256_file
+from sims.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("sims")
 
@@ -128,7 +128,7 @@ def adopt_base(ctx: DistContext, source: Path, stage_dir: Path, data_shape, labe
     weights = base_weights_of(source)
     meta = read_metadata(weights)
     check_base_fits(meta, data_shape, label_dim, source)
-    digest = sha256_file(weights)
+    digest = weights_sha256(weights)
     record = stage_dir / "SOURCE.json"
     if ctx.is_main:
         if record.exists():

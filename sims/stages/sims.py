@@ -28,9 +28,9 @@ from sims.stages.evaluate import (Reference, build_reference, digits_judge, eval
 from sims.stages.rundir import check_compatible, weights_file
 from sims.stages.synthetic import make_synthetic
 from sims.training.callbacks import snapshot_kimg
-from sims.training.export import load_denoiser
+from sims.training.export import load_denoiser, weights_sha256
 from sims.training.module import ema_key
-from sims.utils import atomic_write_json, sha256_file
+from sims.utils import atomic_write_json
 
 log = logging.getLogger("sims")
 
@@ -109,7 +109,7 @@ class WeightsCache:
     def get(self, path: Path):
         if path not in self._cache:
             net, meta = load_denoiser(path, self.device)
-            self._cache[path] = (net, meta, sha256_file(path))
+            self._cache[path] = (net, meta, weights_sha256(path))
         return self._cache[path]
 
 
@@ -176,7 +176,7 @@ def run_sims(ctx: DistContext, cfg: DictConfig, run_dir: Path, dataset, base_wei
     seeds = range(int(s.synthetic_seed_offset), int(s.synthetic_seed_offset) + int(s.num_synthetic))
     synthetic = make_synthetic(ctx, base, run_dir / "synthetic", seeds, data_shape=shape, label_dim=label_dim,
                                sampler=to_container(cfg.sampler), batch_size=int(cfg.sampler.batch_size),
-                               info={"model": str(base_weights)})
+                               info={"model_sha256": weights_sha256(base_weights)})
     del base
     finetune_aux(ctx, cfg, base_weights, synthetic, run_dir / "aux")
 

@@ -107,6 +107,26 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu",
     return net.eval().requires_grad_(False).to(device), meta
 
 
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of an exported file's tensors (names, dtypes, shapes and bytes, in name order): the
+    identity of the weights, independent of the metadata's byte layout (which safetensors does not
+    keep stable across processes).
+
+    Raises:
+        MissingFileError / WeightsError: as :func:`read_metadata`.
+    """
+    import hashlib
+
+    read_metadata(path)
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_state(path: str | Path) -> Dict[str, torch.Tensor]:
     """The raw tensors of an exported file (CPU), e.g. to initialise the auxiliary model from the base."""
     read_metadata(path)

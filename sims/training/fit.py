@@ -221,6 +221,9 @@ def fit_stage(ctx: DistContext, stage_dir: Path, module: EDMModule, dataset, *, 
     accumulate = accumulation_steps(B, dm.batch_gpu, ctx.world_size)
     max_steps = steps_for_kimg(total_kimg, B)
     last = stage_dir / "checkpoints" / "last.ckpt"
+    if ctx.is_main:  # a checkpoint write killed half-way leaves its temporary file behind
+        for stale in last.parent.glob(".last.ckpt.*.tmp"):
+            stale.unlink()
     preemption = PreemptionCallback(ctx, last)
     bar = ProgressCallback(ctx, stage_dir.name, max_steps, enabled=progress)
     trainer = make_trainer(ctx, stage_dir, max_steps=max_steps, train=train, accumulate=accumulate,
