@@ -42,6 +42,12 @@ def seed_batches(seeds: Sequence[int], batch_size: int, rank: int = 0, world_siz
     return batches[rank::world_size]
 
 
+def rank_batches(ctx: DistContext, ids: Sequence[int], batch_size: int) -> List[List[int]]:
+    """This rank's contiguous batches of ``ids`` (:func:`seed_batches` with the context's rank):
+    how existing samples (a folder, a loop's synthetic array) are sharded like generated ones."""
+    return seed_batches(ids, batch_size, ctx.rank, ctx.world_size)
+
+
 def sampler_kwargs(sampler: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """The :func:`edm_sampler` keyword arguments from a ``SamplerConfig`` dict."""
     return {k: sampler[k] for k in SAMPLER_KEYS if k in (sampler or {})}
@@ -99,7 +105,7 @@ def generate(ctx: DistContext, denoiser: Callable, seeds: Sequence[int], data_sh
     """
     if ctx.device.type == "cpu":
         torch.set_flush_denormal(True)  # subnormal activations take the CPU's slow path
-    batches = seed_batches(seeds, batch_size, ctx.rank, ctx.world_size)
+    batches = rank_batches(ctx, seeds, batch_size)
     iterator = batches
     if progress and ctx.is_main:
         from tqdm import tqdm

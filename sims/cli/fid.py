@@ -106,7 +106,7 @@ def load_sample_folder(folder: str | Path, expect: Optional[int] = None, only: O
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from sims.dist import init_distributed
-    from sims.generation import seed_batches
+    from sims.generation import rank_batches
     from sims.stages.evaluate import build_reference, evaluate_denoiser, evaluate_samples, make_extractor
 
     if args.source is None and not args.ref_data:
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
                                    reference=reference, aux=aux, omega=args.guidance)
     else:
         ids = list(range(len(files)))
-        mine = ((b, read_samples([files[i] for i in b])) for b in seed_batches(ids, args.batch, ctx.rank, ctx.world_size))
+        mine = ((b, read_samples([files[i] for i in b])) for b in rank_batches(ctx, ids, args.batch))
         result = evaluate_samples(ctx, mine, extractor=extractor, reference=reference, pr_ids=ids[:reference.pr_size])
     result = {"source": str(source), "features": args.features, **result, **reference.provenance()}
     if ctx.is_main:

@@ -28,7 +28,7 @@ from sims.data import ArrayDataset, load_real_dataset
 from sims.data.images import quantize
 from sims.dist import DistContext
 from sims.errors import ConfigError, MissingFileError
-from sims.generation import gather_samples, generate, seed_batches
+from sims.generation import gather_samples, generate, rank_batches
 from sims.stages.aux import finetune_aux
 from sims.stages.evaluate import build_reference, evaluate_samples, feature_name, make_extractor
 from sims.stages.synthetic import make_synthetic
@@ -141,8 +141,7 @@ class DiffusionLoopModel:
         extractor, reference = self._measure
         x = torch.from_numpy(np.asarray(samples, dtype=np.float32))
         ids = list(range(len(x)))
-        mine = ((b, x[b[0]:b[-1] + 1]) for b in seed_batches(ids, int(self.cfg.sampler.batch_size), self.ctx.rank,
-                                                             self.ctx.world_size))
+        mine = ((b, x[b[0]:b[-1] + 1]) for b in rank_batches(self.ctx, ids, int(self.cfg.sampler.batch_size)))
         out = evaluate_samples(self.ctx, mine, extractor=extractor, reference=reference,
                                pr_ids=ids[:reference.pr_size])
         return {"fd": out["fd"], "precision": out["precision"], "recall": out["recall"]}
