@@ -1,4 +1,4 @@
-"""SIMS distribution control (sims/stages/control.py): composition rule, selection, judges, checks, report."""
+"""SIMS distribution control (sims/stages/control*.py): composition rule, selection, judges, checks, report."""
 import sys
 import types
 from types import SimpleNamespace
@@ -10,6 +10,9 @@ from omegaconf import OmegaConf
 
 from sims.errors import ConfigError, InputError, MissingFileError, WeightsError
 from sims.stages import control as C
+from sims.stages.control_config import check_control
+from sims.stages.control_judges import load_judge
+from sims.stages.control_report import reweighted_moments, share_intervals, wilson_interval
 
 UNIFORM = {g: 0.1 for g in range(10)}
 
@@ -159,31 +162,31 @@ def test_entry_point_judge(user_judges, tmp_path):
     w[0, 3] = 50.0  # pixel 0 bright → class 3
     weights = str(tmp_path / "judge.safetensors")
     save_file({"w": w}, weights)
-    judge = C.load_judge("simsctl_judges:good", device="cpu", num_classes=10, weights=weights)
+    judge = load_judge("simsctl_judges:good", device="cpu", num_classes=10, weights=weights)
     x = torch.full((4, 1, 8, 8), -1.0)
     x[:2, 0, 0, 0] = 1.0
     p = judge.probabilities(x)
     assert judge.name == "good" and judge.num_classes == 10 and p.shape == (4, 10)
     assert p.argmax(1).tolist()[:2] == [3, 3] and p[2].max() < 0.5
-    assert C.load_judge("simsctl_judges:good", device="cpu", num_classes=10).probabilities(x) == pytest.approx(
+    assert load_judge("simsctl_judges:good", device="cpu", num_classes=10).probabilities(x) == pytest.approx(
         torch.full((4, 10), 0.1))
     with pytest.raises(InputError, match="has 3 classes, the data has 10"):
-        C.load_judge("simsctl_judges:three", device="cpu", num_classes=10).probabilities(x)
+        load_judge("simsctl_judges:three", device="cpu", num_classes=10).probabilities(x)
     with pytest.raises(InputError, match="not probabilities"):
-        C.load_judge("simsctl_judges:logits", device="cpu", num_classes=10).probabilities(x)
+        load_judge("simsctl_judges:logits", device="cpu", num_classes=10).probabilities(x)
     for spec, match in [("nosuchpkg_xyz.mod:f", "no module named 'nosuchpkg_xyz'"),
                         ("simsctl_judges:missing", "has no 'missing'"),
                         ("simsctl_judges:not_callable", "not a function"),
                         ("simsctl_judges.good", "package.module:function")]:
         with pytest.raises(ConfigError, match=match):
-            C.load_judge(spec, device="cpu", num_classes=10)
+            load_judge(spec, device="cpu", num_classes=10)
     torch.save({"w": w}, tmp_path / "judge.pt")  # a pickle: refused, never opened by torch.load
     with pytest.raises(WeightsError, match="never a pickle"):
-        C.load_judge("simsctl_judges:good", device="cpu", num_classes=10, weights=str(tmp_path / "judge.pt"))
+        load_judge("simsctl_judges:good", device="cpu", num_classes=10, weights=str(tmp_path / "judge.pt"))
     with pytest.raises(MissingFileError):
-        C.load_judge("simsctl_judges:good", device="cpu", num_classes=10, weights=str(tmp_path / "none.safetensors"))
+        load_judge("simsctl_judges:good", device="cpu", num_classes=10, weights=str(tmp_path / "none.safetensors"))
     with pytest.raises(ConfigError, match="10 digit classes"):
-        C.load_judge("digits", device="cpu", num_classes=5)
+        load_judge("digits", device="cpu", num_classes=5)
 
 
 def test_pixel_judge_accuracy_and_agreement_with_cnn():
@@ -194,8 +197,8 @@ def test_pixel_judge_accuracy_and_agreement_with_cnn():
 
     images, labels = load_digits_arrays(8)
     _, idx_te = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels.numpy(), random_state=0)
-    pixel = C.load_judge("pixel-digits", device="cpu", num_classes=10)
-    cnn = C.load_judge("digits", device="cpu", num_classes=10)
+    pixel = load_judge("pixel-digits", device="cpu", num_classes=10)
+    cnn = load_judge("digits", device="cpu", num_classes=10)
     p = pixel.probabilities(images)
     assert p.shape == (1797, 10) and torch.allclose(p.sum(1), torch.ones(1797), atol=1e-5)
     pred = p.argmax(1)
@@ -212,11 +215,11 @@ def test_pixel_judge_accuracy_and_agreement_with_cnn():
 def test_check_control(user_judges, tmp_path):
     good = {"enabled": True, "target": {0: 0.2}, "omega": 1.0, "floor": 0.005, "judge": "digits",
             "judge_weights": None, "max_synthetic": 6000, "independent_judge": "pixel-digits"}
-    C.check_control(good, 10, data_shape=(1, 8, 8), num_synthetic=3000)
-    C.check_control(OmegaConf.create({**good, "target": {"0": 0.2}}), 10)  # string keys from overrides
-    C.check_control(SimpleNamespace(**good), 10)
-    C.check_control({**good, "enabled": False, "omega": -1}, 10)  # disabled: not checked
-    C.check_control({**good, "judge": "simsctl_judges:good", "independent_judge": None}, 10, data_shape=(1, 8, 8))
+    check_control(good, 10, data_shape=(1, 8, 8), num_synthetic=3000)
+    check_control(OmegaConf.create({**good, "target": {"0": 0.2}}), 10)  # string keys from overrides
+    check_control(SimpleNamespace(**good), 10)
+    check_control({**good, "enabled": False, "omega": -1}, 10)  # disabled: not checked
+    check_control({**good, "judge": "simsctl_judges:good", "independent_judge": None}, 10, data_shape=(1, 8, 8))
     bad = [({"target": {0: 1.5}}, "sims.control.target.0=1.5"),
            ({"target": {0: 0.6, 1: 0.6}}, "sum to 1.2 > 1"),
            ({"target": {10: 0.1}}, "sims.control.target.10: unknown group"),
@@ -233,42 +236,42 @@ def test_check_control(user_judges, tmp_path):
            ({"independent_judge": "simsctl_judges:missing"}, "has no 'missing'")]
     for change, match in bad:
         with pytest.raises(InputError, match=match) as info:
-            C.check_control({**good, **change}, 10, data_shape=(1, 8, 8), num_synthetic=3000)
+            check_control({**good, **change}, 10, data_shape=(1, 8, 8), num_synthetic=3000)
         assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="10 digit classes"):
-        C.check_control({**good, "target": {0: 0.2}}, 5)
+        check_control({**good, "target": {0: 0.2}}, 5)
     with pytest.raises(ConfigError, match="8x8 or 16x16"):
-        C.check_control(good, 10, data_shape=(3, 32, 32))
+        check_control(good, 10, data_shape=(3, 32, 32))
 
 
 # ----------------------------------------------------------------------------------------- report
 def test_wilson_intervals():
-    lo, hi = C.wilson_interval(5, 10)
+    lo, hi = wilson_interval(5, 10)
     assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    assert C.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert C.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    table = C.share_intervals([30, 70])
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    table = share_intervals([30, 70])
     assert table[1]["share"] == 0.7 and table[1]["low"] < 0.7 < table[1]["high"]
-    lo, hi = C.wilson_interval(30, 100)
+    lo, hi = wilson_interval(30, 100)
     assert table[0]["low"] == lo and hi - lo < 0.2
     with pytest.raises(InputError):
-        C.share_intervals([0, 0])
+        share_intervals([0, 0])
 
 
 def test_reweighted_moments_by_hand():
     x = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
-    mu, sigma = C.reweighted_moments(x, [0, 0, 1], {0: 0.5, 1: 0.5})
+    mu, sigma = reweighted_moments(x, [0, 0, 1], {0: 0.5, 1: 0.5})
     # weights 0.25, 0.25, 0.5; μ = (0.5, 2); Σ w d dᵀ = [[0.75, −1], [−1, 4]], / (1 − 0.375)
     assert mu == pytest.approx([0.5, 2.0])
     assert sigma == pytest.approx(np.array([[1.2, -1.6], [-1.6, 6.4]]))
     rng = np.random.default_rng(0)
     f = rng.normal(size=(40, 3))
     lab = np.repeat([0, 1], 20)
-    mu, sigma = C.reweighted_moments(torch.from_numpy(f), lab, {0: 0.5, 1: 0.5})  # = the shares: plain moments
+    mu, sigma = reweighted_moments(torch.from_numpy(f), lab, {0: 0.5, 1: 0.5})  # = the shares: plain moments
     assert mu == pytest.approx(f.mean(0)) and sigma == pytest.approx(np.cov(f, rowvar=False))
-    mu, _ = C.reweighted_moments(f, lab, {0: 1.0, 1: 0.0})  # t = 0 drops a group
+    mu, _ = reweighted_moments(f, lab, {0: 1.0, 1: 0.0})  # t = 0 drops a group
     assert mu == pytest.approx(f[:20].mean(0))
     with pytest.raises(InputError, match="no target share"):
-        C.reweighted_moments(f, lab, {0: 1.0})
+        reweighted_moments(f, lab, {0: 1.0})
     with pytest.raises(InputError, match="no real item"):
-        C.reweighted_moments(f, lab, {0: 0.5, 1: 0.25, 2: 0.25})
+        reweighted_moments(f, lab, {0: 0.5, 1: 0.25, 2: 0.25})

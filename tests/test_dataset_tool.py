@@ -392,7 +392,7 @@ def test_zip64_records_and_byte_determinism(tmp_path, monkeypatch):
     import shutil
     import subprocess
 
-    from sims.data import convert
+    from sims.data import zip_writer
 
     src = tmp_path / "src"
     tree = make_class_tree(src)
@@ -400,8 +400,8 @@ def test_zip64_records_and_byte_determinism(tmp_path, monkeypatch):
     convert_folder(src, a, 8, labels="folders", progress=False)
     convert_folder(src, b, 8, labels="folders", progress=False)
     assert a.read_bytes() == b.read_bytes()  # fixed timestamps: same input, same bytes
-    monkeypatch.setattr(convert, "_ZIP64_COUNT_LIMIT", 2)  # force the zip64 end records ...
-    monkeypatch.setattr(convert, "_ZIP64_OFFSET_LIMIT", 300)  # ... and zip64 offsets in the directory
+    monkeypatch.setattr(zip_writer, "_ZIP64_COUNT_LIMIT", 2)  # force the zip64 end records ...
+    monkeypatch.setattr(zip_writer, "_ZIP64_OFFSET_LIMIT", 300)  # ... and zip64 offsets in the directory
     z64 = tmp_path / "z64.zip"
     convert_folder(src, z64, 8, labels="folders", progress=False)
     assert z64.read_bytes() != a.read_bytes()

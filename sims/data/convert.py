@@ -60,28 +60,23 @@ EDM README (the FFHQ/AFHQv2/ImageNet 64 x 64 commands) and PKWARE's APPNOTE 6.3 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import struct
 import tempfile
-import zlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
-import numpy as np
-
 from sims.data.image_folder import LABELS_FILE, _is_dataset_folder, image_name
+from sims.data.image_transforms import TRANSFORMS, UnreadableImage, encode_png, load_rgb, transform_image
+from sims.data.zip_writer import StoredZipWriter
 from sims.errors import DatasetError, InputError, OutputExistsError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pnm")
-TRANSFORMS = ("center-crop", "center-crop-dhariwal")
 LABEL_MODES = ("none", "folders")
-PNG_COMPRESS_LEVEL = 0  # EDM's dataset_tool: compress_level=0, optimize=False
 
 
 @dataclass(frozen=True)
@@ -127,10 +122,6 @@ class ConvertResult:
 
 
 MAX_IGNORED_LISTED = 20
-
-
-class UnreadableImage(Exception):
-    """A source file that cannot be decoded into an RGB image (message: the reason)."""
 
 
 # ------------------------------------------------------------------------------------ listing
@@ -219,196 +210,7 @@ def scan_source(source: Union[str, Path], labels: str = "none") -> Tuple[int, Op
     return n, (sorted(classes) if labels == "folders" else None), num_other, other
 
 
-# ------------------------------------------------------------------------------------ decoding and transforms
-def load_rgb(path: Union[str, Path]):
-    """Open an image file as a fully decoded RGB ``PIL.Image`` (the conversion rules of the module docstring).
-
-    Raises:
-        UnreadableImage: not an image, corrupt or truncated data, or mode ``I``/``F``.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode.startswith("I;16"):
-                arr = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), mode="L")
-            elif im.mode in ("I", "F"):
-                raise UnreadableImage(f"unsupported mode {im.mode} (32-bit); convert it to 8-bit RGB")
-            return im.convert("RGB")
-    except UnreadableImage:
-        raise
-    except Exception as exc:  # Pillow raises many types on corrupt data (OSError, SyntaxError, ValueError, ...)
-        raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
-
-
-def center_crop(img, resolution: int):
-    """EDM's ``center-crop``: central ``min(W, H)`` square, LANCZOS-resized to ``resolution``^2.
-
-    Args:
-        img: ``PIL.Image`` (any size). resolution: output side R in pixels.
-    Returns:
-        ``PIL.Image`` R x R, same mode.
-    """
-    from PIL import Image
-
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    return img.resize((resolution, resolution), Image.Resampling.LANCZOS)
-
-
-def center_crop_dhariwal(img, resolution: int):
-    """EDM2's ``center-crop-dhariwal`` (ADM's ImageNet crop): BOX-halve while the short side is
-    >= 2R, BICUBIC-resize the short side to R, crop the central R x R.
-
-    Args:
-        img: ``PIL.Image`` (any size). resolution: output side R in pixels.
-    Returns:
-        ``PIL.Image`` R x R, same mode.
-    """
-    from PIL import Image
-
-    while min(img.size) >= 2 * resolution:
-        img = img.resize((img.size[0] // 2, img.size[1] // 2), Image.Resampling.BOX)
-    scale = resolution / min(img.size)
-    img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.BICUBIC)
-    left, top = (img.size[0] - resolution) // 2, (img.size[1] - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
-
-
-_TRANSFORM_FNS: Dict[str, Callable] = {"center-crop": center_crop, "center-crop-dhariwal": center_crop_dhariwal}
-
-
-def transform_image(img, transform: str, resolution: int) -> np.ndarray:
-    """Apply a named transform (:data:`TRANSFORMS`) to an RGB ``PIL.Image``.
-
-    Returns:
-        uint8 ``[R, R, 3]``.
-    Raises:
-        InputError (a ValueError): unknown transform.
-    """
-    if transform not in _TRANSFORM_FNS:
-        raise InputError(f"unknown transform {transform!r}; choose one of {', '.join(TRANSFORMS)}")
-    out = np.asarray(_TRANSFORM_FNS[transform](img, int(resolution)), dtype=np.uint8)
-    assert out.shape == (resolution, resolution, 3), out.shape
-    return out
-
-
-def encode_png(arr: np.ndarray) -> bytes:
-    """uint8 ``[H, W, 3]`` or ``[H, W, 1]`` -> PNG bytes at EDM's ``compress_level=0``."""
-    from PIL import Image
-
-    im = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------------------------ writing
-_ZIP64_COUNT_LIMIT = 0xFFFF  # module constants so a test can force the zip64 records on a small zip
-_ZIP64_OFFSET_LIMIT = 0xFFFFFFFF
-_DOS_DATE, _DOS_TIME = (0 << 9) | (1 << 5) | 1, 0  # 1980-01-01 00:00: the same input gives the same bytes
-
-
-class StoredZipWriter:
-    """Write an uncompressed (``ZIP_STORED``) zip keeping 24 bytes + the name per entry, not a Python object.
-
-    :class:`zipfile.ZipFile` keeps a ``ZipInfo`` (~450 bytes) per entry until ``close()``: ~600 MB
-    for ImageNet's 1.28 M images. This writer keeps offsets, sizes and CRC-32s in :mod:`array`
-    arrays and the names in one ``bytearray``, and writes standard PKZIP records (APPNOTE 6.3):
-    local headers, the central directory and, from 65,535 entries or 4 GiB on, the zip64 end records
-    and zip64 extra fields (read by :mod:`zipfile`, ``unzip``, EDM's loader). Every entry is dated
-    1980-01-01 00:00, so the bytes depend only on the contents.
-
-    Args:
-        f: a binary file opened for writing, seekable (for :meth:`write_streamed`).
-    """
-
-    def __init__(self, f) -> None:
-        self.f = f
-        self.pos = f.tell()
-        self._offsets = array("Q")
-        self._sizes = array("I")  # entries are < 4 GiB (checked)
-        self._crcs = array("I")
-        self._name_ends = array("Q")
-        self._names = bytearray()
-
-    def _header(self, name: bytes, crc: int, size: int) -> bytes:
-        flags = 0 if name.isascii() else 0x800  # bit 11: UTF-8 names
-        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, flags, 0, _DOS_TIME, _DOS_DATE, crc, size, size,
-                           len(name), 0) + name
-
-    def _record(self, name: bytes, offset: int, crc: int, size: int) -> None:
-        if size >= 0xFFFFFFFF:
-            raise ValueError(f"zip entry {name!r} is {size} bytes; entries must be < 4 GiB")
-        self._offsets.append(offset)
-        self._sizes.append(size)
-        self._crcs.append(crc)
-        self._names += name
-        self._name_ends.append(len(self._names))
-
-    def writestr(self, name: str, data: bytes) -> None:
-        """Add one entry ``name`` with contents ``data`` (stored)."""
-        bname = name.encode("utf-8")
-        crc = zlib.crc32(data) & 0xFFFFFFFF
-        head = self._header(bname, crc, len(data))
-        self.f.write(head)
-        self.f.write(data)
-        self._record(bname, self.pos, crc, len(data))
-        self.pos += len(head) + len(data)
-
-    def write_streamed(self, name: str, chunks: Iterator[bytes]) -> None:
-        """Add one entry from an iterator of byte chunks (header patched with CRC and size afterwards)."""
-        bname = name.encode("utf-8")
-        start = self.pos
-        self.f.write(self._header(bname, 0, 0))
-        crc, size = 0, 0
-        for chunk in chunks:
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-            self.f.write(chunk)
-        end = self.f.tell()
-        self.f.seek(start)
-        self.f.write(self._header(bname, crc & 0xFFFFFFFF, size))
-        self.f.seek(end)
-        self._record(bname, start, crc & 0xFFFFFFFF, size)
-        self.pos = end
-
-    def close(self) -> None:
-        """Write the central directory and the end records (the file itself is the caller's to close)."""
-        cd_start = self.pos
-        n = len(self._offsets)
-        start = 0
-        for i in range(n):
-            name = bytes(self._names[start:self._name_ends[i]])
-            start = self._name_ends[i]
-            off = self._offsets[i]
-            extra = b""
-            if off >= _ZIP64_OFFSET_LIMIT:
-                extra = struct.pack("<HHQ", 0x0001, 8, off)
-                off = 0xFFFFFFFF
-            version = 45 if extra else 20
-            flags = 0 if name.isascii() else 0x800
-            rec = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, (3 << 8) | version, version, flags, 0, _DOS_TIME,
-                              _DOS_DATE, self._crcs[i], self._sizes[i], self._sizes[i], len(name), len(extra), 0,
-                              0, 0, (0o100644 << 16) & 0xFFFFFFFF, off)
-            self.f.write(rec + name + extra)
-            self.pos += len(rec) + len(name) + len(extra)
-        cd_size = self.pos - cd_start
-        if n >= _ZIP64_COUNT_LIMIT or cd_start >= _ZIP64_OFFSET_LIMIT or cd_size >= _ZIP64_OFFSET_LIMIT:
-            eocd64 = self.pos
-            self.f.write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
-            self.f.write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
-            n16, cd_size32, cd_start32 = min(n, 0xFFFF), min(cd_size, 0xFFFFFFFF), min(cd_start, 0xFFFFFFFF)
-        else:
-            n16, cd_size32, cd_start32 = n, cd_size, cd_start
-        self.f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n16, n16, cd_size32, cd_start32, 0))
-        self.f.flush()
-
-
 def _metadata_chunks(labels: Optional[array], class_names: Optional[List[str]]) -> Iterator[bytes]:
     """``dataset.json`` in chunks of 4,096 entries (never one string of all N entries)."""
     if labels is None:

@@ -12,38 +12,31 @@ training (the SIMS stages wire them in):
   :func:`group_counts`, :func:`shares_from_labels`;
 - selection of the auxiliary's set by a judge: :func:`judge_labels`, :func:`select_synthetic`,
   :func:`pool_size_needed`, :func:`shortfall_error`;
-- judges: :func:`load_judge` (``"digits"``, ``"pixel-digits"`` or a user's entry point),
-  :func:`pixel_digits_judge` (the independent judge of the report);
-- bad input: :func:`parse_target`, :func:`check_control` (for ``validate()``);
-- report: :func:`wilson_interval`, :func:`share_intervals`, :func:`reweighted_moments`.
+- judges (:mod:`sims.stages.control_judges`): :func:`~sims.stages.control_judges.load_judge`
+  (``"digits"``, ``"pixel-digits"`` or a user's entry point),
+  :func:`~sims.stages.control_judges.pixel_digits_judge` (the independent judge of the report);
+- bad input (:mod:`sims.stages.control_config`): :func:`~sims.stages.control_config.parse_target`,
+  :func:`~sims.stages.control_config.check_control` (for ``validate()``);
+- report (:mod:`sims.stages.control_report`): :func:`~sims.stages.control_report.wilson_interval`,
+  :func:`~sims.stages.control_report.share_intervals`,
+  :func:`~sims.stages.control_report.reweighted_moments`.
 
 Groups are integer class ids ``0..K−1``; share arguments are mappings ``{group: share}`` or
 sequences indexed by group; share results are plain ``dict``\\ s ordered by group.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from sims.errors import (
-    ConfigError,
-    InputError,
-    MissingFileError,
-    SimsError,
-    WeightsError,
-)
-from sims.stages.evaluate import Judge, digits_judge
+from sims.errors import ConfigError, InputError
+from sims.stages.evaluate import Judge
 
 DEFAULT_FLOOR = 0.005
-BUILTIN_JUDGES = ("digits", "pixel-digits")
-DIGITS_SHAPES = ((1, 8, 8), (1, 16, 16))
-Z95 = 1.959963984540054  # standard normal 97.5% quantile
 
 Shares = Union[Mapping[int, float], Sequence[float]]
 Shortfall = Tuple[int, int, int]  # (group, count available, count needed)
@@ -51,8 +44,7 @@ Shortfall = Tuple[int, int, int]  # (group, count available, count needed)
 __all__ = [
     "DEFAULT_FLOOR", "full_target", "compose_aux_shares", "predicted_shares", "group_counts",
     "shares_from_labels", "judge_labels", "Selection", "select_synthetic", "pool_size_needed",
-    "shortfall_error", "load_judge", "pixel_digits_judge", "import_entry_point", "parse_target",
-    "check_control", "wilson_interval", "share_intervals", "reweighted_moments",
+    "shortfall_error",
 ]
 
 
@@ -355,348 +347,3 @@ def shortfall_error(shortfalls: Sequence[Shortfall], pool_size: int, max_synthet
         f"{pool_size} base samples are (sims.control.max_synthetic={max_synthetic}); raise "
         "sims.control.max_synthetic, lower sims.num_synthetic, or choose a milder sims.control.target or a larger "
         f"sims.control.omega" + (f" (also short: {others})" if others else ""))
-
-
-# ------------------------------------------------------------------------------------------ judges
-def pixel_digits_judge(device) -> Judge:
-    """The independent digits judge (logistic regression on raw pixels,
-    :mod:`sims.metrics.pixel_judge`; held-out accuracy in ``pixel_digits.json``) as a :class:`Judge`
-    named ``pixel-digits``, confident at top probability ≥ 0.5. For reports only: never for
-    composition or selection, so the CNN judge's errors cannot pass for control."""
-    from sims.metrics.pixel_judge import load_pixel_digits_classifier
-
-    clf = load_pixel_digits_classifier().to(device)
-    return Judge("pixel-digits", clf.probabilities, 10, 0.5)
-
-
-def import_entry_point(spec: str, key: str = "sims.control.judge") -> Callable:
-    """The callable named by ``'package.module:function'`` (``function`` may be dotted: ``Class.method``).
-
-    Raises:
-        ConfigError: not of that form, a module that cannot be imported, a missing or non-callable name.
-    """
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise ConfigError(f"{key}={spec!r}: give a judge as 'package.module:function' (or one of "
-                          f"{', '.join(BUILTIN_JUDGES)})")
-    mod_name, attr = spec.split(":")
-    try:
-        obj = importlib.import_module(mod_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (mod_name == exc.name or mod_name.startswith(exc.name + ".")):
-            raise ConfigError(f"{key}={spec!r}: no module named {exc.name!r} "
-                              "(is it installed / on PYTHONPATH?)") from exc
-        raise ConfigError(f"{key}={spec!r}: importing {mod_name} failed: {type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # the user's module raised while importing
-        raise ConfigError(f"{key}={spec!r}: importing {mod_name} failed: {type(exc).__name__}: {exc}") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{key}={spec!r}: module {mod_name} has no {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{key}={spec!r}: {attr} is a {type(obj).__name__}, not a function")
-    return obj
-
-
-def _check_safetensors(path, key: str) -> Path:
-    """An existing safetensors file (header parsed, no tensor read); pickles are refused."""
-    p = Path(str(path)).expanduser()
-    if not p.is_file():
-        raise MissingFileError(f"{key}={path}: no such file")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as fh:
-            list(fh.keys())
-    except Exception as exc:
-        raise WeightsError(f"{key}={path}: not a safetensors file ({type(exc).__name__}); judge weights must be "
-                           "safetensors, never a pickle") from exc
-    return p
-
-
-def _checked(fn: Callable, name: str, num_classes: int, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Wrap a judge's callable: outputs must be probabilities [B, num_classes]."""
-
-    @torch.no_grad()
-    def probabilities(x: torch.Tensor) -> torch.Tensor:
-        try:
-            p = fn(x)
-        except SimsError:
-            raise
-        except Exception as exc:
-            raise InputError(f"{key}: judge {name!r} failed on images {tuple(x.shape)}: "
-                             f"{type(exc).__name__}: {exc}") from exc
-        if isinstance(p, np.ndarray):
-            p = torch.from_numpy(p)
-        if not torch.is_tensor(p) or p.ndim != 2 or p.shape[0] != x.shape[0]:
-            shape = tuple(p.shape) if hasattr(p, "shape") else type(p).__name__
-            raise InputError(f"{key}: judge {name!r} returned {shape} for {x.shape[0]} images; "
-                             f"want probabilities [{x.shape[0]}, {num_classes}]")
-        if p.shape[1] != num_classes:
-            raise InputError(f"{key}: judge {name!r} has {p.shape[1]} classes, the data has {num_classes}")
-        q = p.detach().double()
-        if q.numel() and (not torch.isfinite(q).all() or q.min() < -1e-6 or q.max() > 1 + 1e-6
-                          or (q.sum(1) - 1).abs().max() > 1e-3):
-            raise InputError(f"{key}: judge {name!r} returned values that are not probabilities (min "
-                             f"{float(q.min()):.3g}, max {float(q.max()):.3g}, row sums "
-                             f"{float(q.sum(1).min()):.3g}..{float(q.sum(1).max()):.3g}); return softmax outputs")
-        return p.float()
-
-    return probabilities
-
-
-def load_judge(spec: str, *, device, num_classes: int, weights: Optional[str] = None, name: Optional[str] = None,
-               threshold: float = 0.5, key: str = "sims.control.judge") -> Judge:
-    """A :class:`Judge` from a config value: ``"digits"`` (the shipped CNN), ``"pixel-digits"``
-    (:func:`pixel_digits_judge`) or a user's classifier ``'package.module:function'``.
-
-    Calling convention of a user's judge — ``function`` is a *factory*, called once::
-
-        def make_judge(weights: dict[str, torch.Tensor] | None, device: torch.device):
-            model = MyNet(); model.load_state_dict(weights); return model.to(device).eval()
-
-    ``weights`` is the content of ``sims.control.judge_weights`` read by sims with
-    ``safetensors.torch.load_file`` (CPU tensors; a pickle is never opened), or None when no file is
-    given. The factory returns a callable ``images -> probabilities``: images float [N, C, H, W] in
-    [−1, 1] (8-bit quantised, as written to PNG) on ``device``; probabilities [N, K], rows summing
-    to 1 (softmax outputs, not logits). Every call's output is checked.
-
-    Args:
-        spec: the judge; device: where it runs; num_classes: the data's K.
-        weights: a safetensors file for a user's judge (refused for the built-in ones).
-        name: the Judge's name (result keys ``<name>_class_share``); default the built-in name or the
-            function's name. threshold: top probability counted as confident.
-        key: the config key named in errors.
-    Raises:
-        ConfigError: bad entry point, weights given to a built-in judge, a built-in digits judge for
-            data without 10 classes. MissingFileError / WeightsError: weights file missing or not
-            safetensors. InputError: (at construction or on a call) the factory or the callable failed,
-            or outputs that are not probabilities [N, num_classes].
-    """
-    if spec in BUILTIN_JUDGES:
-        if weights:
-            raise ConfigError(f"{key}_weights is only for a judge given as 'package.module:function', not {spec!r}")
-        if int(num_classes) != 10:
-            raise ConfigError(f"{key}={spec!r} judges the 10 digit classes, but the data has {num_classes}")
-        j = digits_judge(device) if spec == "digits" else pixel_digits_judge(device)
-        j.threshold = float(threshold)
-        if name:
-            j.name = name
-        return j
-    factory = import_entry_point(spec, key)
-    state = None
-    if weights:
-        from safetensors.torch import load_file
-
-        state = load_file(str(_check_safetensors(weights, f"{key}_weights")))
-    try:
-        fn = factory(state, torch.device(device))
-    except SimsError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{key}={spec!r}: the judge factory failed: {type(exc).__name__}: {exc}") from exc
-    if not callable(fn):
-        raise ConfigError(f"{key}={spec!r} returned a {type(fn).__name__}; the factory must return a callable "
-                          "images -> probabilities")
-    k = getattr(fn, "num_classes", None)
-    if isinstance(k, int) and k != int(num_classes):
-        raise InputError(f"{key}={spec!r}: judge has {k} classes, the data has {num_classes}")
-    label = name or spec.split(":")[1].split(".")[-1]
-    return Judge(label, _checked(fn, spec, int(num_classes), key), int(num_classes), float(threshold))
-
-
-# ----------------------------------------------------------------------------------- bad input
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def parse_target(target: Any, num_classes: int, key: str = "sims.control.target") -> Dict[int, float]:
-    """``sims.control.target`` as {group: share}, checked: a non-empty mapping of class ids in
-    range(num_classes) (ints, or digit strings from overrides) to shares in [0, 1] with Σ ≤ 1 (= 1
-    when every group is listed).
-
-    Raises:
-        ConfigError: naming the key and the offending group.
-    """
-    if target is None or not hasattr(target, "items") or len(target) == 0:
-        raise ConfigError(f"{key} must map class ids to target shares, e.g. {{0: 0.3}}; got {target!r}")
-    out: Dict[int, float] = {}
-    for g, v in target.items():
-        if isinstance(g, bool) or not str(g).strip().isdigit():
-            raise ConfigError(f"{key}: group {g!r} is not a class id")
-        gi = int(str(g).strip())
-        if gi >= num_classes:
-            raise ConfigError(f"{key}.{gi}: unknown group, the data has classes 0..{num_classes - 1}")
-        try:
-            share = float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}.{gi}={v!r} is not a number") from None
-        if not (math.isfinite(share) and 0 <= share <= 1):
-            raise ConfigError(f"{key}.{gi}={v}: a target share must lie in [0, 1]")
-        out[gi] = share
-    total = sum(out.values())
-    if total > 1 + 1e-9:
-        raise ConfigError(f"{key}: target shares sum to {total:.6g} > 1")
-    if len(out) == num_classes and abs(total - 1) > 1e-6:
-        raise ConfigError(f"{key}: every class has a target share but they sum to {total:.6g}, not 1")
-    return dict(sorted(out.items()))
-
-
-def _check_judge_spec(spec: Any, weights: Any, key: str, num_classes: int, data_shape) -> None:
-    if spec in BUILTIN_JUDGES:
-        if weights:
-            raise ConfigError(f"{key}_weights is only for a judge given as 'package.module:function', not {spec!r}")
-        if num_classes != 10:
-            raise ConfigError(f"{key}={spec!r} judges the 10 digit classes, but the data has {num_classes}")
-        if data_shape is not None and tuple(int(s) for s in data_shape) not in DIGITS_SHAPES:
-            raise ConfigError(f"{key}={spec!r} judges 8x8 or 16x16 grayscale digits, not data of shape "
-                              f"{tuple(data_shape)}")
-        return
-    import_entry_point(spec, key)
-    if weights:
-        _check_safetensors(weights, f"{key}_weights")
-    if data_shape is not None:  # probe on CPU: classes and probability outputs, before any training
-        judge = load_judge(spec, device="cpu", num_classes=num_classes, weights=weights, key=key)
-        judge.probabilities(torch.zeros(2, *[int(s) for s in data_shape]))
-
-
-def check_control(cfg: Any, num_classes: int, *, data_shape: Optional[Sequence[int]] = None,
-                  num_synthetic: Optional[int] = None) -> None:
-    """Refuse a bad ``sims.control`` section with a one-line error, before any training.
-
-    ``cfg`` is the ``sims.control`` section as a dict, an OmegaConf node or any object with the
-    attributes ``enabled``, ``target``, ``omega``, ``floor``, ``judge``, ``judge_weights``,
-    ``max_synthetic``, ``independent_judge`` (and optionally ``independent_judge_weights``).
-    Nothing is checked when ``enabled`` is false.
-
-    Checks: target (:func:`parse_target`); ω* finite and > 0; floor in [0, 1/K]; judge ``"digits"``,
-    ``"pixel-digits"`` or an importable ``'package.module:function'``, its weights an existing
-    safetensors file (built-in judges take none; the digits judges need 10 classes and 8×8/16×16
-    grayscale data); max_synthetic an integer ≥ 1 (≥ ``num_synthetic`` when given); the independent
-    judge null, built-in or an importable entry point, and not the same as the judge. With
-    ``data_shape`` (C, H, W) an entry-point judge is built on CPU and probed with two blank images, so
-    a judge with other classes than the data, or non-probability outputs, fail here.
-
-    Args:
-        num_classes: the data's K (classes of the labels the judges must produce).
-    Raises:
-        ConfigError / MissingFileError / WeightsError / InputError: one line naming the key.
-    """
-    if not bool(_get(cfg, "enabled", False)):
-        return
-    num_classes = int(num_classes)
-    if num_classes < 2:
-        raise ConfigError(f"sims.control needs a data set with at least 2 classes, got {num_classes}")
-    parse_target(_get(cfg, "target"), num_classes)
-    omega = _get(cfg, "omega")
-    try:
-        omega_f = float(omega)
-    except (TypeError, ValueError):
-        raise ConfigError(f"sims.control.omega={omega!r}: give the design guidance weight ω* > 0") from None
-    if not math.isfinite(omega_f) or omega_f <= 0:
-        raise ConfigError(f"sims.control.omega={omega}: the design guidance weight must be > 0")
-    floor = _get(cfg, "floor", DEFAULT_FLOOR)
-    floor = DEFAULT_FLOOR if floor is None else floor
-    if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not (0 <= floor <= 1.0 / num_classes):
-        raise ConfigError(f"sims.control.floor={floor}: must lie in [0, 1/{num_classes}]")
-    judge = _get(cfg, "judge", "digits")
-    _check_judge_spec(judge, _get(cfg, "judge_weights"), "sims.control.judge", num_classes, data_shape)
-    max_syn = _get(cfg, "max_synthetic")
-    if isinstance(max_syn, bool) or not isinstance(max_syn, int) or max_syn < 1:
-        raise ConfigError(f"sims.control.max_synthetic={max_syn!r}: must be an integer ≥ 1")
-    if num_synthetic is not None and max_syn < int(num_synthetic):
-        raise ConfigError(f"sims.control.max_synthetic={max_syn} is below sims.num_synthetic={num_synthetic}: "
-                          "the judged pool must be at least the auxiliary's set")
-    ind = _get(cfg, "independent_judge")
-    if ind is not None:
-        if ind == judge:
-            raise ConfigError(f"sims.control.independent_judge={ind!r} is the judge that composes the set; "
-                              "choose another (e.g. pixel-digits) or null")
-        _check_judge_spec(ind, _get(cfg, "independent_judge_weights"), "sims.control.independent_judge",
-                          num_classes, data_shape)
-
-
-# ---------------------------------------------------------------------------------------- report
-def wilson_interval(k: int, n: int, z: float = Z95) -> Tuple[float, float]:
-    """Wilson score interval for a binomial share k/n (Wilson 1927; E. B. Wilson, JASA 22:209):
-    (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n); z = 1.96 gives 95%. Stays inside [0, 1]
-    and is sensible at k = 0 or k = n, unlike the normal interval.
-
-    Raises:
-        InputError: n ≤ 0 or k outside [0, n].
-    """
-    if n <= 0 or not 0 <= k <= n:
-        raise InputError(f"a binomial interval needs 0 ≤ k ≤ n and n > 0, got k={k}, n={n}")
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def share_intervals(counts: Union[Mapping[int, int], Sequence[int]], z: float = Z95) -> Dict[int, Dict[str, float]]:
-    """Share of each group with its Wilson interval (95% by default), from counts per group.
-
-    Returns:
-        {group: {"count", "share", "low", "high"}}, n = Σ counts.
-    Raises:
-        InputError: no count in total.
-    """
-    c = {int(g): int(v) for g, v in (counts.items() if isinstance(counts, Mapping) else enumerate(counts))}
-    n = sum(c.values())
-    if n <= 0:
-        raise InputError("share intervals need at least one counted sample")
-    out = {}
-    for g in sorted(c):
-        lo, hi = wilson_interval(c[g], n, z)
-        out[g] = {"count": c[g], "share": c[g] / n, "low": lo, "high": hi}
-    return out
-
-
-def reweighted_moments(features, labels, target: Mapping[int, float]) -> Tuple[np.ndarray, np.ndarray]:
-    """Mean [D] and covariance [D, D] (float64) of real features reweighted to the target shares,
-    the reference for "FD to the target distribution" (SPEC §1 measures control next to FID).
-
-    Each real item of group g gets the weight w_i = t_g / count_g, normalised to Σ w = 1; then
-    μ = Σ w_i x_i and Σ = Σ w_i (x_i − μ)(x_i − μ)ᵀ / (1 − Σ w_i²) (reliability-weights
-    correction: with equal weights it is the usual N − 1 covariance of SPEC §4). The effective
-    sample size is 1 / Σ w_i².
-
-    Args:
-        features: real features [N, D] (numpy or torch); labels: their groups [N] (ints).
-        target: {group: t_g} over every group present in ``labels`` (complete it with
-            :func:`full_target`), summing to 1; t_g = 0 drops a group.
-    Returns:
-        ``(mu, sigma)``.
-    Raises:
-        InputError: shapes disagree, a label without a target share, a target share > 0 for a group
-            with no real item, targets not summing to 1, or a single effective item.
-    """
-    x = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, np.float64)
-    lab = labels.detach().cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
-    lab = lab.astype(np.int64).reshape(-1)
-    if x.ndim != 2 or len(x) != len(lab):
-        raise InputError(f"reweighted moments need features [N, D] and labels [N], got {x.shape} and {lab.shape}")
-    t = _as_shares(target, "target shares")
-    if abs(sum(t.values()) - 1) > 1e-6:
-        raise InputError(f"target shares sum to {sum(t.values()):.6g}, not 1 (complete them with full_target)")
-    groups, counts = np.unique(lab, return_counts=True)
-    missing = [int(g) for g in groups if int(g) not in t]
-    if missing:
-        raise InputError(f"real items of group(s) {missing} have no target share")
-    present = dict(zip(groups.tolist(), counts.tolist()))
-    empty = [g for g, v in t.items() if v > 0 and g not in present]
-    if empty:
-        raise InputError(f"group(s) {empty} have a target share but no real item")
-    w = np.array([t[int(g)] / present[int(g)] for g in lab], dtype=np.float64)
-    w /= w.sum()
-    mu = w @ x
-    d = x - mu
-    denom = 1.0 - float(np.sum(w * w))
-    if denom <= 1e-12:
-        raise InputError("reweighted moments need more than one item with weight > 0")
-    sigma = (d * w[:, None]).T @ d / denom
-    return mu, sigma
