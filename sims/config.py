@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -147,6 +147,28 @@ class SamplerConfig:
 
 
 @dataclass
+class ControlConfig:
+    """Distribution control (SPEC §1): the auxiliary model's synthetic set is composed, by a judge's
+    labels, so that guidance moves the sampled shares toward ``target`` ({group: share}; unlisted
+    groups share the rest in proportion to their base shares) at the design weight ``omega``
+    (:func:`sims.stages.control.compose_aux_shares`). ``judge``: ``digits`` (the shipped CNN),
+    ``pixel-digits`` or a ``package.module:function`` entry point with optional safetensors
+    ``judge_weights``; ``independent_judge`` measures the shares too but chooses nothing. Base
+    samples are drawn up to ``max_synthetic`` to find enough of each group.
+    """
+
+    enabled: bool = False
+    target: Dict[int, float] = field(default_factory=dict)
+    omega: float = 1.0
+    floor: float = 0.005
+    judge: str = "digits"
+    judge_weights: Optional[str] = None
+    independent_judge: Optional[str] = "pixel-digits"
+    independent_judge_weights: Optional[str] = None
+    max_synthetic: int = 20_000
+
+
+@dataclass
 class SIMSConfig:
     """SIMS (Alemohammad et al. 2024, Algorithm 1): auxiliary fine-tune and guided evaluation.
 
@@ -181,6 +203,7 @@ class SIMSConfig:
     features: str = "auto"  # auto | digits | identity | inception
     reference: Optional[str] = None  # .npz with mu/sigma; None: computed from the training data
     inception_weights: Optional[str] = None  # local pt_inception-2015-12-05 file; never downloaded
+    control: ControlConfig = field(default_factory=ControlConfig)
 
 
 @dataclass
@@ -197,6 +220,7 @@ class LoopConfig:
     subsample_size: Optional[int] = None  # accumulate-subsample: training-set size (None: num_real)
     num_eval: Optional[int] = None  # samples evaluated per generation (None: the synthetic data itself)
     omega: float = 0.0  # SIMS guidance weight of the sims streams' sampler
+    aux_data: str = "own"  # what a sims stream's auxiliary learns from: own | synthetic | both (see sims.loop.models.diffusion)
     init: str = "scratch"  # scratch | previous
     seeds: List[int] = field(default_factory=lambda: [0])
     # Gaussian / KDE task settings ("Collapse or Thrive?")
