@@ -244,6 +244,9 @@ class RunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
 
+OPEN_KEYS = ("sims.control.target",)
+
+
 def _raise(message: str) -> None:
     raise ConfigError(message)
 
@@ -263,6 +266,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """
     schema = OmegaConf.structured(base)
     OmegaConf.set_struct(schema, True)
+    for key in OPEN_KEYS:  # maps whose keys are data (group ids), not config names
+        node = OmegaConf.select(schema, key)
+        if node is not None:
+            OmegaConf.set_struct(node, False)
     cfg = schema
     if path is not None:
         path = Path(path)

@@ -60,6 +60,29 @@ def data_shape_of(cfg: DictConfig) -> Tuple[Tuple[int, ...], int]:
     return (int(d.channels), int(d.resolution), int(d.resolution)), 10 if (d.use_labels and d.name == "cifar10") else 0
 
 
+def data_classes(cfg: DictConfig) -> int:
+    """Classes of the data set's labels (whether or not the model is conditioned on them): 10 for
+    digits and CIFAR-10, from ``dataset.json`` for a folder or zip (0 when it has none)."""
+    import json
+    import zipfile
+
+    if cfg.data.name in ("digits", "cifar10"):
+        return 10
+    if cfg.data.name != "folder":
+        return 0
+    path = Path(cfg.data.path).expanduser()
+    try:
+        if path.is_dir():
+            meta = json.loads((path / "dataset.json").read_text())
+        else:
+            with zipfile.ZipFile(path) as z:
+                meta = json.loads(z.read("dataset.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return 0
+    labels = meta.get("labels") or []
+    return 1 + max((int(lab) for _, lab in labels), default=-1)
+
+
 def check_network(cfg: DictConfig, shape, label_dim: int) -> None:
     """Build the denoiser on the meta device (no memory): every geometry error surfaces here."""
     import torch
@@ -161,6 +184,10 @@ def check_sims(cfg: DictConfig, shape, label_dim: int) -> None:
     if s.aux_lr is not None:
         _require(float(s.aux_lr) > 0, "sims.aux_lr", f"must be > 0, got {s.aux_lr}")
     _wrap("sims.selection_seed_offsets", check_seed_sets, cfg)
+    if s.control.enabled:
+        from sims.stages.control_config import check_control
+
+        check_control(s.control, data_classes(cfg), data_shape=shape, num_synthetic=int(s.num_synthetic))
     if s.base:
         from sims.stages.base import base_weights_of, check_base_fits
         from sims.training.export import read_metadata

@@ -84,6 +84,7 @@ class Reference:
         pr_size: size of the precision/recall sets (real subset and fake prefix), on every rank.
         manifold: the real subset's k-NN manifold (rank 0 only), radii computed once.
         real_features: the real subset's features [pr_size, D] on CPU (rank 0 only).
+        real_indices: their items' indices in the data set (rank 0 only).
         note: e.g. "EDM reference without an extractor record, accepted for Inception".
     """
 
@@ -97,6 +98,7 @@ class Reference:
     pr_size: int
     manifold: Optional[KNNManifold] = None
     real_features: Optional[torch.Tensor] = None
+    real_indices: Optional[torch.Tensor] = None
     note: str = ""
 
     def provenance(self) -> Dict[str, Any]:
@@ -186,7 +188,8 @@ def build_reference(ctx: DistContext, extractor, features: str, dataset, *, refe
     if ctx.is_main:
         idx = torch.cat([p[0] for p in parts])
         feats = torch.cat([p[1] for p in parts])
-        ref.real_features = feats[torch.argsort(idx)]
+        order = torch.argsort(idx)
+        ref.real_features, ref.real_indices = feats[order], idx[order]
         if pr_size > PR_K:
             ref.manifold = KNNManifold(ref.real_features, k=PR_K, device=ctx.device)
     return ref
@@ -226,7 +229,8 @@ def guided(base, aux=None, omega: float = 0.0, sigma_interval=None):
 
 @torch.no_grad()
 def evaluate_samples(ctx: DistContext, batches: Iterable[Tuple[List[int], torch.Tensor]], *, extractor,
-                     reference: Reference, judges: Sequence[Judge] = (), pr_ids: Sequence[int] = ()) -> Dict[str, Any]:
+                     reference: Reference, judges: Sequence[Judge] = (), pr_ids: Sequence[int] = (),
+                     extra_references: Optional[Dict[str, Reference]] = None) -> Dict[str, Any]:
     """Measure samples against a reference: 8-bit quantisation → features → FD, precision/recall and
     the judges' class shares. The one place where FD and precision/recall are computed.
 
@@ -240,6 +244,8 @@ def evaluate_samples(ctx: DistContext, batches: Iterable[Tuple[List[int], torch.
         judges: classifiers whose class shares and confidence are reported (e.g. :func:`digits_judge`).
         pr_ids: the ids of the samples that form the precision/recall set (at most
             ``reference.pr_size``; empty: no precision/recall).
+        extra_references: further statistics to measure FD against, reported as ``fd_<name>``
+            (e.g. the real data reweighted to a target's group shares).
     Returns:
         ``fd``, ``fd_mean_term`` (‖μ−μ_r‖², the part of FD from the means), ``num_samples``,
         ``precision``/``recall``/``pr_size`` (None/0 without them) and per judge
@@ -276,6 +282,8 @@ def evaluate_samples(ctx: DistContext, batches: Iterable[Tuple[List[int], torch.
     result: Dict[str, Any] = {"fd": frechet_distance(mu, sigma, reference.mu, reference.sigma),
                               "fd_mean_term": float(np.sum((np.asarray(mu) - reference.mu) ** 2)),
                               "num_samples": int(stats.count)}
+    for name, ref in (extra_references or {}).items():
+        result[f"fd_{name}"] = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     offset = 0
     for j in judges:
         c = counts[offset:offset + j.num_classes + 2]
@@ -299,7 +307,8 @@ def evaluate_samples(ctx: DistContext, batches: Iterable[Tuple[List[int], torch.
 def evaluate_denoiser(ctx: DistContext, base, seeds: Sequence[int], *, data_shape: Sequence[int], label_dim: int,
                       sampler: Dict[str, Any], batch_size: int, extractor, reference: Reference, aux=None,
                       omega: float = 0.0, sigma_interval=None, judges: Sequence[Judge] = (),
-                      precision_recall_: bool = True) -> Dict[str, Any]:
+                      precision_recall_: bool = True,
+                      extra_references: Optional[Dict[str, Reference]] = None) -> Dict[str, Any]:
     """Sample ``seeds`` (SIMS-guided when ``aux`` and ω > 0) sharded over the ranks and measure them
     with :func:`evaluate_samples`; adds ``nfe``, the network evaluations per sample actually made.
 
@@ -317,7 +326,8 @@ def evaluate_denoiser(ctx: DistContext, base, seeds: Sequence[int], *, data_shap
     batches = ((ids, x) for ids, x, _ in generate(ctx, denoiser, seeds, data_shape, label_dim=label_dim,
                                                   sampler=sampler, batch_size=batch_size))
     pr_ids = seeds[:reference.pr_size] if precision_recall_ else []
-    result = evaluate_samples(ctx, batches, extractor=extractor, reference=reference, judges=judges, pr_ids=pr_ids)
+    result = evaluate_samples(ctx, batches, extractor=extractor, reference=reference, judges=judges, pr_ids=pr_ids,
+                              extra_references=extra_references)
     rows = ctx.all_reduce(torch.tensor([float(sum(c.rows for c in counters))], dtype=torch.float64))
     result["nfe"] = float(rows.item()) / result["num_samples"]
     return result

@@ -137,6 +137,10 @@ def write_report(ctx: DistContext, cfg: DictConfig, eval_dir: Path, report: Dict
     atomic_write_json(eval_dir / "report.json", report)
     atomic_write_text(eval_dir / "report.md", report_markdown(report))
     plot_selection(eval_dir / "fd_vs_omega.png", report)
+    if "control" in report:
+        from sims.stages.control_stage import plot_shares
+
+        plot_shares(eval_dir / "shares_vs_omega.png", report["control"])
     grid = eval_dir / "grid_base_vs_sims.png"
     if not grid.exists():
         left = _grid_samples(ctx, cfg, weights, run_dir, unguided, shape, label_dim)
@@ -180,10 +184,49 @@ def report_markdown(report: Dict[str, Any]) -> str:
         lines.append(f"| {r['omega']:g} | {r['aux_snapshot'] or ('final' if r['omega'] else '–')} | "
                      f"{r['base_ema'] or 'main'} | {(r['aux_ema'] or 'main') if r['omega'] else '–'} | {per} | "
                      f"{_fmt(r['fd_mean'])} | {_fmt(r['precision_mean'], '.3f')} |")
+    if "control" in report:
+        lines += control_markdown(report["control"], fd)
     ref = report["reference"]
     lines += ["", f"Reference: {ref['reference']} (sha256 {str(ref['reference_sha256'])[:16]}), {ref['features']} "
                   f"features ({ref['feature_version']}). {ref['reference_note']}".rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def _at(d: Dict, g: int):
+    """``d[g]`` for a dict keyed by int (in memory) or by str (read back from JSON)."""
+    return d[g] if g in d else d[str(g)]
+
+
+def control_markdown(c: Dict[str, Any], fd: str) -> List[str]:
+    """The distribution-control section of report.md."""
+    groups = sorted(int(k) for k in c["target_given"])
+    j0, judges = c["judges"][0], c["judges"]
+    target = ", ".join(f"group {g} {_at(c['target_given'], g):.0%}" for g in groups)
+    base = ", ".join(f"group {g} {_at(c['base_shares'], g):.3f}" for g in groups)
+    share_cols = " | ".join(f"group {g} ({j})" for g in groups for j in judges)
+    lines = ["", "## Distribution control", "",
+             f"Target {target} (design ω* = {c['design_omega']:g}); composing judge {j0}; base shares {base}; "
+             f"auxiliary set drawn from {c['pool_size']} base samples.", "",
+             f"| ω | {share_cols} | first-order prediction | {fd} | {fd} to target-reweighted real | precision |",
+             "|" + "---|" * (len(groups) * len(judges) + 5)]
+    for e in c["selection"]:
+        shares = " | ".join(f"{e[j]['share'][g]:.3f} [{_at(e[j]['interval'], g)['low']:.3f}, "
+                            f"{_at(e[j]['interval'], g)['high']:.3f}]" for g in groups for j in judges)
+        pred = ", ".join(f"{_at(e['predicted'], g):.3f}" for g in groups)
+        lines.append(f"| {e['omega']:g} | {shares} | {pred} | {_fmt(e['fd'])} | {_fmt(e['fd_target'])} | "
+                     f"{_fmt(e['precision'], '.3f')} |")
+    r = c["report"]
+    lines += ["", f"Held-out report sets {r['sets']} ({r['samples_per_set']} each): the base vs SIMS at the target "
+                  f"ω = {c['target_omega']:g} (chosen on the selection sets; the best-FD ω is {c['best_fd_omega']:g}):", "",
+              f"| | {share_cols} | confident ({j0}) | {fd} | {fd} to target | precision |",
+              "|" + "---|" * (len(groups) * len(judges) + 5)]
+    for name in ("base", "target"):
+        m = r[name]
+        shares = " | ".join(f"{m[j]['share'][g]:.3f}" for g in groups for j in judges)
+        label = "base" if name == "base" else f"SIMS ω = {m['omega']:g}"
+        lines.append(f"| {label} | {shares} | {m[j0]['confident_fraction']:.3f} | {_fmt(m['fd'])} | "
+                     f"{_fmt(m['fd_target'])} | {_fmt(m['precision'], '.3f')} |")
+    return lines
 
 
 def plot_selection(path: Path, report: Dict[str, Any]) -> Path:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from omegaconf import DictConfig
 
 from sims.config import to_container
@@ -124,9 +125,9 @@ def cell_provenance(cell: Cell, base, aux, cfg: DictConfig) -> Dict[str, Any]:
     return out
 
 
-def run_cells(ctx: DistContext, cfg: DictConfig, kind: str, cells: Sequence[Cell], offsets: Sequence[int], n: int,
+def run_cells(ctx: DistContext, cfg: DictConfig, kind: str, cells: Sequence[Cell], offsets: Sequence[int], n: int, *,
               results: Dict[str, Any], results_path: Path, run_dir: Path, weights: WeightsCache, extractor,
-              reference: Reference, judges) -> None:
+              reference: Reference, judges, extra_references: Optional[Dict[str, Reference]] = None) -> None:
     """Evaluate every (cell, seed set) not yet in ``results``; each result is saved as it is done."""
     sampler = to_container(cfg.sampler)
     for offset in offsets:
@@ -143,7 +144,8 @@ def run_cells(ctx: DistContext, cfg: DictConfig, kind: str, cells: Sequence[Cell
                                     data_shape=base[1]["data_shape"], label_dim=int(base[1]["label_dim"]),
                                     sampler=sampler, batch_size=int(cfg.sampler.batch_size), extractor=extractor,
                                     reference=reference, aux=aux[0] if aux else None, omega=cell.omega,
-                                    sigma_interval=cfg.sims.sigma_interval, judges=judges)
+                                    sigma_interval=cfg.sims.sigma_interval, judges=judges,
+                                    extra_references=extra_references)
             row.update({"kind": kind, "seed_offset": int(offset), **cell_provenance(cell, base, aux, cfg),
                         **reference.provenance()})
             results[key] = row
@@ -162,10 +164,13 @@ def best_cell(cells: Sequence[Cell], results: Dict[str, Any], offsets: Sequence[
 
 def run_sims(ctx: DistContext, cfg: DictConfig, run_dir: Path, dataset, base_weights: Path) -> Optional[Path]:
     """SIMS Algorithm 1 steps 2–4 after the base model: resumable stages under ``run_dir`` (collective).
+    With ``sims.control.enabled`` the auxiliary's set is composed by a judge
+    (:mod:`sims.stages.control_stage`) and the report adds the group shares.
 
     Returns:
         ``eval/report.json`` (on every rank).
     """
+    from sims.stages.control_stage import control_judges, controlled_synthetic, target_distance, target_reference
     from sims.stages.report import summarize, write_report
 
     check_seed_sets(cfg)
@@ -173,10 +178,19 @@ def run_sims(ctx: DistContext, cfg: DictConfig, run_dir: Path, dataset, base_wei
     base, meta = load_denoiser(base_weights, ctx.device)
     shape, label_dim = tuple(meta["data_shape"]), int(meta["label_dim"])
     s = cfg.sims
-    seeds = range(int(s.synthetic_seed_offset), int(s.synthetic_seed_offset) + int(s.num_synthetic))
-    synthetic = make_synthetic(ctx, base, run_dir / "synthetic", seeds, data_shape=shape, label_dim=label_dim,
-                               sampler=to_container(cfg.sampler), batch_size=int(cfg.sampler.batch_size),
-                               info={"model_sha256": weights_sha256(base_weights)})
+    fname = feature_name(s.features, cfg.data.name, len(shape) == 3)
+    control = bool(s.control.enabled)
+    judges = (control_judges(cfg, ctx.device, int(dataset.num_classes)) if control
+              else [digits_judge(ctx.device)] if fname == "digits" else [])
+    info = {"model_sha256": weights_sha256(base_weights)}
+    record = None
+    if control:
+        synthetic, record = controlled_synthetic(ctx, cfg, base, run_dir / "synthetic", judges[0], data_shape=shape,
+                                                 label_dim=label_dim, info=info)
+    else:
+        seeds = range(int(s.synthetic_seed_offset), int(s.synthetic_seed_offset) + int(s.num_synthetic))
+        synthetic = make_synthetic(ctx, base, run_dir / "synthetic", seeds, data_shape=shape, label_dim=label_dim,
+                                   sampler=to_container(cfg.sampler), batch_size=int(cfg.sampler.batch_size), info=info)
     del base
     finetune_aux(ctx, cfg, base_weights, synthetic, run_dir / "aux")
 
@@ -184,27 +198,42 @@ def run_sims(ctx: DistContext, cfg: DictConfig, run_dir: Path, dataset, base_wei
     if ctx.is_main:
         eval_dir.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
-    fname = feature_name(s.features, cfg.data.name, len(shape) == 3)
     extractor = make_extractor(fname, data_dim=int(dataset.dim), inception_weights=s.inception_weights,
                                device=ctx.device)
     pr_size = min(int(s.selection_num_samples), int(s.report_num_samples))
     reference = build_reference(ctx, extractor, fname, dataset, reference_path=s.reference, pr_size=pr_size,
                                 save_to=eval_dir / "reference.npz")
-    judges = [digits_judge(ctx.device)] if fname == "digits" else []
+    extra = None
+    if control and dataset.labels is not None:
+        tref = target_reference(reference, dataset.labels, record["target"]) if ctx.is_main else None
+        tref = ctx.broadcast_object(tref)
+        extra = {"target": tref} if tref is not None else None
     results_path = eval_dir / "results.json"
     results: Dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     weights = WeightsCache(ctx.device)
     cells = sweep_cells(cfg, run_dir / "aux")
     sel = [int(o) for o in s.selection_seed_offsets]
-    run_cells(ctx, cfg, "sel", cells, sel, s.selection_num_samples, results, results_path, run_dir, weights,
-              extractor, reference, judges)
+    common = dict(results=results, results_path=results_path, run_dir=run_dir, weights=weights, extractor=extractor,
+                  reference=reference, judges=judges, extra_references=extra)
+    run_cells(ctx, cfg, "sel", cells, sel, s.selection_num_samples, **common)
     chosen, _ = best_cell(cells, results, sel)
     unguided, _ = best_cell([c for c in cells if c.omega == 0], results, sel)
+    finals = [unguided, chosen]
+    target_cell = None
+    if control:
+        given = {int(k): float(v) for k, v in record["target_given"].items()}
+        target_cell = min(cells, key=lambda c: (np.mean([target_distance(results[c.key("sel", o)], judges[0].name,
+                                                                         given) for o in sel]), c.omega))
+        finals.append(target_cell)
     rep = [int(o) for o in s.report_seed_offsets]
-    finals = [unguided] if chosen == unguided else [unguided, chosen]
-    run_cells(ctx, cfg, "rep", finals, rep, s.report_num_samples, results, results_path, run_dir, weights,
-              extractor, reference, judges)
+    finals = list(dict.fromkeys(finals))
+    run_cells(ctx, cfg, "rep", finals, rep, s.report_num_samples, **common)
     report = summarize(cfg, results, cells, chosen, unguided, reference, label_dim)
+    if control:
+        from sims.stages.control_stage import control_summary
+
+        report["control"] = control_summary(results, cells, record, [j.name for j in judges], sel, rep, unguided,
+                                            target_cell, chosen, int(s.report_num_samples))
     if ctx.is_main:
         write_report(ctx, cfg, eval_dir, report, reference, weights, run_dir, chosen, unguided, shape, label_dim)
     ctx.barrier()

@@ -18,7 +18,8 @@ def make_synthetic(ctx: DistContext, denoiser, store_dir: Path, seeds: Sequence[
     batches, rank 0 checks and writes the manifest), then load it.
 
     Resumable: seeds already stored are never made again, whatever the batch size or number of
-    processes of the earlier attempt, so no sample is duplicated or lost.
+    processes of the earlier attempt, so no sample is duplicated or lost; asked for more seeds than
+    a complete store holds, it adds the missing ones (and a prefix of a grown store loads as is).
 
     Args:
         denoiser: the base model D(x, sigma, class_labels).
@@ -33,7 +34,13 @@ def make_synthetic(ctx: DistContext, denoiser, store_dir: Path, seeds: Sequence[
         DatasetError: the store is inconsistent after generation (a seed missing or duplicated).
     """
     store = SyntheticStore(store_dir)
-    if not store.complete:
+    seeds = [int(s) for s in seeds]
+    have = store.manifest() if store.complete else None
+    if have is not None and have["first_seed"] == min(seeds) and have["count"] > len(seeds) \
+            and seeds == list(range(min(seeds), min(seeds) + len(seeds))):
+        return store.load(label_dim).subset(slice(0, len(seeds)))  # a grown store holds these as its prefix
+    if have is None or have["count"] != len(seeds) or have["first_seed"] != min(seeds):
+        # new, interrupted, or to be grown (distribution control draws more samples into the same store)
         store.root.mkdir(parents=True, exist_ok=True)
         stored = set(store.stored_seeds())
 
