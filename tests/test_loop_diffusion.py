@@ -1,6 +1,7 @@
 """The generation loop with the diffusion model (loop.model=diffusion) on a 2-D toy (2 processes: test_distributed.py)."""
 import csv
 import json
+import pytest
 
 
 from conftest import run_cli
@@ -42,3 +43,18 @@ def test_diffusion_loop_standard_vs_sims(tmp_path):
     before = (run / "metrics.csv").read_text()
     run_cli("sims.cli.train", *LOOP_TOY, "loop.num_eval=200", f"run_dir={run}")
     assert (run / "metrics.csv").read_text() == before
+
+
+@pytest.mark.parametrize("aux_data", ["synthetic", "both"])
+def test_what_the_auxiliary_sees(tmp_path, aux_data):
+    run = tmp_path / "loop"
+    run_cli("sims.cli.train", *LOOP_TOY, "loop.workflows=[accumulate]", "loop.methods=[sims]",
+            f"loop.aux_data={aux_data}", "train.total_kimg=1.28", f"run_dir={run}")
+    gen1 = json.loads((run / "models/_shared/sims/seed0/gen001/aux_data.json").read_text())
+    gen2 = json.loads((run / "models/accumulate/sims/seed0/gen002/aux_data.json").read_text())
+    # generation 1 trains on real data only: its auxiliary learns from the base's own samples
+    assert gen1 == {"requested": aux_data, "used": "own", "own": 256, "pollution": 0, "pollution_generations": []}
+    # generation 2: the pollution (generation 1's 300 synthetic samples in the training set), and the own samples too
+    assert gen2["used"] == aux_data and gen2["pollution"] == 300 and gen2["pollution_generations"] == [1]
+    assert gen2["own"] == (256 if aux_data == "both" else 0)
+    assert (run / "models/accumulate/sims/seed0/gen002/synthetic").exists() == (aux_data == "both")

@@ -202,8 +202,11 @@ def check_loop(cfg: DictConfig, shape) -> None:
     from sims.diffusion import SIMSGuidance
     from sims.loop.settings import settings
 
+    from sims.loop.models.diffusion import AUX_DATA
+
     lp = cfg.loop
     _wrap("loop.omega", SIMSGuidance.check_omega, lp.omega)
+    _require(lp.aux_data in AUX_DATA, "loop.aux_data", f"must be one of {', '.join(AUX_DATA)}, got {lp.aux_data!r}")
     st = settings(cfg)
     if st.subsample_size is not None:
         _require(st.subsample_size <= st.num_real + st.num_synthetic, "loop.subsample_size",

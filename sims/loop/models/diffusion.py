@@ -6,7 +6,10 @@ generation's training set (:func:`sims.stages.base` machinery: :func:`~sims.trai
 → n_s base samples (:func:`~sims.stages.synthetic.make_synthetic`) → auxiliary fine-tune
 (:func:`~sims.stages.aux.finetune_aux`) → the synthetic data handed to the next generation is
 sampled with D = (1+ω)·D_base − ω·D_aux, ω = ``loop.omega``. A ``standard`` stream samples the base
-model (ω = 0). With workflow ``accumulate`` or ``augment`` this is the MAD-prophylaxis experiment
+model (ω = 0). What a ``sims`` stream's auxiliary model learns from is ``loop.aux_data``: ``own``
+(``sims.num_synthetic`` fresh samples of the generation's base, SIMS Algorithm 1), ``synthetic``
+(the synthetic part of the generation's training set — the pollution; generation 1 has none and
+uses its own samples), or ``both``; ``<workdir>/aux_data.json`` records what it saw. With workflow ``accumulate`` or ``augment`` this is the MAD-prophylaxis experiment
 of SIMS §5 (synthetic augmentation loop).
 
 Base models are content-addressed: ``RUN/models/_bases/<hash of (training data, seed, warm start)>``,
@@ -35,7 +38,9 @@ from sims.stages.synthetic import make_synthetic
 from sims.training.export import load_denoiser, load_state
 from sims.training.fit import fit_stage, stage_done
 from sims.training.module import EDMModule
-from sims.utils import atomic_write_text
+from sims.utils import atomic_write_json, atomic_write_text
+
+AUX_DATA = ("own", "synthetic", "both")
 
 
 class DiffusionLoopModel:
@@ -60,6 +65,8 @@ class DiffusionLoopModel:
         if "sims" in cfg.loop.methods and self.omega <= 0:
             raise ConfigError("loop.methods has 'sims' but loop.omega is 0: set the guidance weight used for the "
                               "synthetic data, e.g. loop.omega=0.5")
+        if cfg.loop.aux_data not in AUX_DATA:
+            raise ConfigError(f"loop.aux_data must be one of {', '.join(AUX_DATA)}, got {cfg.loop.aux_data!r}")
         self.base = self.aux = None
         self._measure = None
 
@@ -102,13 +109,34 @@ class DiffusionLoopModel:
         self.aux = None
         if method != "sims":
             return
-        offset = int(cfg.sims.synthetic_seed_offset)
-        synthetic = make_synthetic(ctx, self.base, Path(workdir) / "synthetic",
-                                   range(offset, offset + int(cfg.sims.num_synthetic)), data_shape=shape,
-                                   label_dim=0, sampler=to_container(cfg.sampler),
-                                   batch_size=int(cfg.sampler.batch_size))
+        synthetic = self._aux_set(train_data, data, shape, Path(workdir))
         aux_weights = finetune_aux(ctx, cfg, base_weights, synthetic, Path(workdir) / "aux", seed=int(seed))
         self.aux, _ = load_denoiser(aux_weights, ctx.device)
+
+    def _aux_set(self, train_data, data: np.ndarray, shape, workdir: Path) -> ArrayDataset:
+        """The auxiliary's training set under ``loop.aux_data`` (see the module docstring)."""
+        cfg, ctx = self.cfg, self.ctx
+        sets = getattr(train_data, "sets", ())
+        num_real = sets[0].num_real if sets else len(data)
+        pollution = data[num_real:]  # the training set holds its real samples first, then the synthetic ones
+        mode = str(cfg.loop.aux_data)
+        if len(pollution) == 0:
+            mode = "own"  # generation 1 trains on real data only: there is no pollution to learn from
+        parts, record = [], {"requested": str(cfg.loop.aux_data), "used": mode, "own": 0, "pollution": 0,
+                             "pollution_generations": sorted({int(g) for g in sets[0].synthetic[:, 0]}) if sets else []}
+        if mode in ("own", "both"):
+            offset = int(cfg.sims.synthetic_seed_offset)
+            own = make_synthetic(ctx, self.base, workdir / "synthetic", range(offset, offset + int(cfg.sims.num_synthetic)),
+                                 data_shape=shape, label_dim=0, sampler=to_container(cfg.sampler),
+                                 batch_size=int(cfg.sampler.batch_size))
+            parts.append(own.data)
+            record["own"] = len(own)
+        if mode in ("synthetic", "both"):
+            parts.append(torch.from_numpy(np.ascontiguousarray(pollution)))
+            record["pollution"] = int(len(pollution))
+        if ctx.is_main:
+            atomic_write_json(workdir / "aux_data.json", record)
+        return ArrayDataset(torch.cat(parts), name=f"aux:{mode}")
 
     # -- sampling and evaluation ------------------------------------------------------------------------
     def _denoiser(self):
