@@ -3,9 +3,11 @@
 Runs ``sims-train CONFIG run_dir=R`` (unless --skip-train), then ``sims-sample R --seeds 0-999``, and
 judges the 1,000 samples with a scikit-learn logistic regression trained on the real 8×8 digits:
 share labelled with confidence ≥ 0.5 (target ≥ 90%) and the share of every class (target ≥ 4%).
-Also reports the shipped CNN judge and, when the run has a SIMS evaluation, its report.
+Also reports the shipped CNN judge, the base's training speed (steps/s, from ``base/DONE``) and,
+when the run has a SIMS evaluation, writes its report (selection/report protocol) as
+``benchmarks/results/<name>_sims_report.{json,md}`` with its two figures.
 
-    python benchmarks/digits_quality.py --run-dir runs/digits            # writes benchmarks/results/digits_quality.json
+    python benchmarks/digits_quality.py --run-dir runs/digits     # -> benchmarks/results/digits_quality.json, digits_sims_report.*
 """
 from __future__ import annotations
 
@@ -37,11 +39,13 @@ def main() -> int:
     p.add_argument("--run-dir", default="runs/digits")
     p.add_argument("--skip-train", action="store_true", help="judge an existing run")
     p.add_argument("--out", default="benchmarks/results/digits_quality.json")
+    p.add_argument("--name", default="digits", help="prefix of the SIMS report files in benchmarks/results")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for sims-train")
     args = p.parse_args()
 
     record: dict = {"config": args.config, "run_dir": args.run_dir}
     if not args.skip_train:
-        cmd = [sys.executable, "-m", "sims.cli.train", args.config, f"run_dir={args.run_dir}"]
+        cmd = [sys.executable, "-m", "sims.cli.train", args.config, f"run_dir={args.run_dir}", *args.overrides]
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         record["train_command"] = " ".join(["sims-train", *cmd[3:]])
@@ -50,6 +54,16 @@ def main() -> int:
         if proc.returncode != 0:
             print(proc.stdout[-2000:], proc.stderr[-2000:])
             return 1
+    done = Path(args.run_dir) / "base" / "DONE"
+    if done.exists():
+        fields = dict(line.split("=", 1) for line in done.read_text().split() if "=" in line)
+        if "steps_per_second" in fields:
+            record["base_steps_per_second"] = float(fields["steps_per_second"])
+    import platform
+
+    record["machine"] = f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores)"
+    record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                      text=True).stdout.strip()
     samples = Path(args.run_dir) / "samples_0-999"
     cmd = [sys.executable, "-m", "sims.cli.sample", args.run_dir, "--seeds", "0-999", "--out", str(samples), "--grid",
            str(Path(args.run_dir) / "samples_0-999.png")]
@@ -78,23 +92,32 @@ def main() -> int:
     record["cnn_judge"] = {"confident_fraction@0.5": cnn["confident_fraction"], "min_class_share": min(cnn["class_share"])}
     report = Path(args.run_dir) / "eval" / "report.json"
     if report.exists():
+        import shutil
+
         rep = json.loads(report.read_text())
         record["sims"] = {k: rep[k] for k in ("base_fd_mean", "best_omega", "best_fd_mean", "relative_change",
-                                               "relative_change_per_set") if k in rep}
-        record["sims"]["summary"] = rep["summary"]
+                                               "relative_change_per_set", "relative_change_paired_mean", "chosen",
+                                               "selection_seed_offsets", "report_seed_offsets") if k in rep}
+        results = ROOT / "benchmarks" / "results"
+        for src, dst in (("report.json", "sims_report.json"), ("report.md", "sims_report.md"),
+                         ("fd_vs_omega.png", "fd_vs_omega.png"), ("grid_base_vs_sims.png", "grid_base_vs_sims.png"),
+                         ("shares_vs_omega.png", "shares_vs_omega.png")):
+            if (report.parent / src).exists():
+                shutil.copyfile(report.parent / src, results / f"{args.name}_{dst}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     lr = record["logreg"]
     print(f"| judge | confident (p >= 0.5) | min class share |\n|---|---|---|\n"
           f"| logistic regression | {lr['confident_fraction@0.5']:.3f} | {lr['min_class_share']:.3f} |\n"
           f"| shipped CNN | {cnn['confident_fraction']:.3f} | {min(cnn['class_share']):.3f} |")
-    for k in ("train_wall_min", "base_min", "total_min"):
+    for k in ("train_wall_min", "base_min", "total_min", "base_steps_per_second"):
         if k in record:
             print(f"{k}: {record[k]:.1f}")
     if "sims" in record:
         s = record["sims"]
-        print(f"SIMS: best omega {s.get('best_omega')}, FD {s.get('best_fd_mean'):.4g} vs base {s.get('base_fd_mean'):.4g} "
-              f"({s.get('relative_change', 0) * 100:+.1f}%; per set {[round(c * 100, 1) for c in s.get('relative_change_per_set', [])]})")
+        print(f"SIMS (held-out report sets): omega {s.get('best_omega')}, FD {s.get('best_fd_mean'):.4g} vs base "
+              f"{s.get('base_fd_mean'):.4g}; per set {[round(c * 100, 1) for c in s.get('relative_change_per_set', [])]} %, "
+              f"mean of paired changes {s.get('relative_change_paired_mean', 0) * 100:+.1f}%")
     print(f"-> {args.out}")
     return 0
 

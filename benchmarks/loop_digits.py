@@ -7,6 +7,12 @@ stream's FD rises over generations, while the SIMS stream's last generation stay
 
     python benchmarks/loop_digits.py [--run-dir runs/loop-digits] [--control] [key=value overrides ...]
 
+``loop.aux_data=synthetic`` (an override) trains each SIMS generation's auxiliary on the pollution in
+its training set instead of its own samples (issue 14); ``--reuse RUN`` copies RUN's content-addressed
+base models first, so the fits the two settings share (the standard stream, generation 1) are not
+trained again. Analysis written by hand goes in ``benchmarks/results/<name>_notes.md``, never in the
+generated ``<name>.md``.
+
 ``--control`` adds a real-data-only control: for every generation t, a model trained on the real set
 alone with generation t's training seed, evaluated on the same samples seeds (RUN/control/). The
 loop's models of generation t share that seed, so the control separates what the synthetic data
@@ -27,11 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def control_rows(cfg) -> list:
     """Real-data-only models, one per (seed, generation) with the loop's fit seed; resumable (one JSON each)."""
+    from sims.dist import single_process
     from sims.loop import derive_seed
-    from sims.loop_diffusion import DiffusionLoopModel
+    from sims.loop.models.diffusion import DiffusionLoopModel
     from sims.utils import atomic_write_json
 
-    model = DiffusionLoopModel(cfg)
+    model = DiffusionLoopModel(cfg, single_process())
     n_eval = cfg.loop.num_eval or cfg.loop.num_synthetic
     rows = []
     for seed in cfg.loop.seeds:
@@ -79,8 +86,11 @@ def main() -> int:
     p.add_argument("--run-dir", default="runs/loop-digits")
     p.add_argument("--name", default="loop_digits")
     p.add_argument("--control", action="store_true", help="also train the real-data-only control per generation")
+    p.add_argument("--reuse", default=None, help="copy this loop run's models/_bases first (shared fits)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if args.reuse and not (Path(args.run_dir) / "models" / "_bases").exists():
+        shutil.copytree(Path(args.reuse) / "models" / "_bases", Path(args.run_dir) / "models" / "_bases")
     cmd = [sys.executable, "-m", "sims.cli.train", args.config, f"run_dir={args.run_dir}", *args.overrides]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT)

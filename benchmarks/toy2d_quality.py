@@ -44,11 +44,13 @@ def main() -> int:
     record = {"train_command": " ".join(["sims-train", *base_cmd[3:]]), "train_wall_s": time.time() - t0}
 
     from sims.data import make_toy
-    from sims.generation import sample_seeds
+    from sims.dist import single_process
+    from sims.generation import generate
     from sims.training.export import load_denoiser
 
     den, meta = load_denoiser(Path(args.run_dir) / "base" / "ema.safetensors")
-    x, _ = sample_seeds(den, list(range(5000)), meta["data_shape"], sampler={"num_steps": 18})
+    x = torch.cat([b for _, b, _ in generate(single_process(), den, range(5000), meta["data_shape"],
+                                             sampler={"num_steps": 18}, batch_size=2500)])
     real_a = make_toy("moons", 5000, 0.05, seed=12345)
     real_b = make_toy("moons", 5000, 0.05, seed=54321)
     record["samples_vs_real"] = fd_pr(real_a, x.numpy().astype(np.float64))
@@ -67,7 +69,8 @@ def main() -> int:
         record["total_wall_s"] = record["train_wall_s"] + record["sims_stages_wall_s"]
         rep = json.loads((Path(args.run_dir) / "eval" / "report.json").read_text())
         record["sims"] = {k: rep.get(k) for k in ("base_fd_mean", "best_omega", "best_fd_mean", "relative_change",
-                                                  "relative_change_per_set", "summary")}
+                                                  "relative_change_per_set", "relative_change_paired_mean",
+                                                  "selection", "report_seed_offsets")}
         print(f"SIMS stages: {record['sims_stages_wall_s']:.0f} s (total {record['total_wall_s']:.0f} s); best omega "
               f"{rep.get('best_omega')}: FD {rep.get('best_fd_mean'):.4g} vs base {rep.get('base_fd_mean'):.4g} "
               f"(per set {[round(c * 100, 1) for c in rep.get('relative_change_per_set', [])]} %)")
