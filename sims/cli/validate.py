@@ -202,7 +202,7 @@ def check_loop(cfg: DictConfig, shape) -> None:
     from sims.diffusion import SIMSGuidance
     from sims.loop.settings import settings
 
-    from sims.loop.models.diffusion import AUX_DATA
+    from sims.loop.settings import AUX_DATA
 
     lp = cfg.loop
     _wrap("loop.omega", SIMSGuidance.check_omega, lp.omega)

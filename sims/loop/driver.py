@@ -1,9 +1,18 @@
 """The generation-loop driver: one stream of generations per (workflow, method, seed batch).
 
-See :mod:`sims.loop` for the protocol, the seeds and the run directory.
+See :mod:`sims.loop` for the protocol, the seeds and the run directory. Two mechanisms keep cheap
+models (the Gaussian and KDE toys) from paying more for bookkeeping than for their math:
+
+- a model with ``recompute_synthetic = True`` (:class:`~sims.loop.protocol.GenerativeModel`) has
+  its synthetic data kept in memory only; a resumed stream replays its completed generations;
+- unit records and the manifest are written in batches (:class:`_Records`, at least every
+  :data:`RECORD_FLUSH_S` seconds, at the end of each stream and when a stream stops on an
+  exception), so a model that takes less than that per generation does not rewrite the manifest
+  for every unit; derived seeds are computed vectorised (:func:`derive_seeds`) and memoised.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,9 +31,13 @@ from sims.loop.report import collect_rows, plot_metrics, write_metrics_csv, writ
 from sims.loop.rundir import (_SHARED, MANIFEST_FORMAT, RunDir, StepInfo, batch_name, completed_units,
                               describe_mismatch, load_synthetic, sample_figure, save_npz, unit_key)
 from sims.loop.settings import Settings, config_hash, hashed_config, settings
-from sims.utils import atomic_write_json, atomic_write_text, derive_seed
+from sims.utils import _key_int, atomic_write_json, atomic_write_text, derive_seed
 
 log = logging.getLogger("sims.loop")
+
+RECORD_FLUSH_S = 1.0
+"""Unit records and the manifest are written at least this often (seconds) while a stream runs
+(and at its end): a model faster than that per generation does not pay a manifest rewrite per unit."""
 
 
 class _Runner:
@@ -132,6 +145,7 @@ def run_loop(
 
     batches = [tuple(st.seeds)] if runner.batched else [(s,) for s in st.seeds]
     real_cache: Dict[Tuple[int, ...], np.ndarray] = {}
+    records, derived = _Records(ctx, rd, manifest), _SeedCache(st.generations)
     for workflow in st.workflows:
         for method in st.methods:
             for seeds in batches:
@@ -140,8 +154,9 @@ def run_loop(
                     continue
                 if seeds not in real_cache:
                     real_cache.clear()
-                    real_cache[seeds] = runner.real_data(need_real, [derive_seed(s, "real") for s in seeds])
-                _run_stream(runner, rd, manifest, st, workflow, method, seeds, real_cache[seeds], done, hooks, ctx)
+                    real_cache[seeds] = runner.real_data(need_real, derived(seeds, "real"))
+                _run_stream(runner, rd, records, st, workflow, method, seeds, real_cache[seeds], done, hooks, ctx,
+                            derived)
     real_cache.clear()
     result = _finish(ctx, rd, manifest, st, plots)
     result.wall_time_s = time.time() - start_time
@@ -210,41 +225,190 @@ def _finish(ctx: DistContext, rd: RunDir, manifest: dict, st: Settings, plots: b
     return result
 
 
-def _run_stream(runner: _Runner, rd: RunDir, manifest: dict, st: Settings, workflow: str, method: str,
+class _Records:
+    """Unit records and the manifest of a run, written by rank 0 in batches.
+
+    A unit's record is written before the manifest that lists it (both atomically), so the
+    manifest never claims a unit whose record is missing. Records are flushed when at least
+    ``interval`` seconds passed since the last flush (so every unit of a model that takes longer
+    than that per generation is written at once), at the end of each stream and when a stream stops
+    on an exception; a hard kill loses at most ``interval`` seconds of units, which a resume
+    recomputes (bit-identically: every unit is a pure function of the seeds).
+    """
+
+    def __init__(self, ctx: DistContext, rd: RunDir, manifest: dict, interval: float = RECORD_FLUSH_S):
+        self.ctx, self.rd, self.manifest, self.interval = ctx, rd, manifest, float(interval)
+        self.pending: List[Tuple[Path, dict]] = []
+        self.last = time.monotonic()
+
+    def add(self, path: Path, record: dict, keys: Sequence[str], generation: int) -> None:
+        for key in keys:
+            self.manifest["completed"][key] = generation
+        if self.ctx.is_main:
+            self.pending.append((path, record))
+            if time.monotonic() - self.last >= self.interval:
+                self.flush()
+
+    def flush(self) -> None:
+        if not (self.ctx.is_main and self.pending):
+            return
+        for path, record in self.pending:  # one line each: read by collect_rows, not by people
+            atomic_write_text(path, json.dumps(record) + "\n")
+        self.pending.clear()
+        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        atomic_write_json(self.rd.manifest_path, self.manifest)
+        self.last = time.monotonic()
+
+
+_M32 = 0xFFFFFFFF
+
+
+def derive_seeds(seeds: Sequence[int], *keys: Union[int, str, Sequence[int]]) -> List[int]:
+    """``[derive_seed(s, *keys) for s in seeds]``, vectorised (bit-identical).
+
+    A key may also be a sequence of integers (e.g. generations): the result then holds, seed-major,
+    ``derive_seed(s, ..., k_j, ...)`` for every seed ``s`` and every entry ``k_j`` (all sequence keys
+    must have the same length). :func:`sims.utils.derive_seed` is
+    ``SeedSequence(s, spawn_key=keys).generate_state(1)[0]``; this evaluates numpy's SeedSequence
+    hash (an entropy pool of 4 words, ``hashmix``/``mix`` with numpy's constants, from
+    ``numpy/random/bit_generator.pyx``) on uint32 arrays, one lane per result, so thousands of
+    seeds cost about as much as a few calls of ``derive_seed``. Seeds or keys of 32 bits or more
+    fall back to ``derive_seed``.
+    """
+    seeds = [int(s) for s in seeds]
+    lengths = {len(k) for k in keys if not isinstance(k, (int, str, np.integer))}
+    if len(lengths) > 1:
+        raise ValueError(f"sequence keys of different lengths: {sorted(lengths)}")
+    reps = lengths.pop() if lengths else None
+    if not seeds or reps == 0:
+        return []
+    cols = [[_key_int(v) for v in k] if not isinstance(k, (int, str, np.integer)) else [_key_int(k)] * (reps or 1)
+            for k in keys]
+    m = reps or 1
+    if min(seeds) < 0 or max(seeds) > _M32 or any(w > _M32 for col in cols for w in col):
+        return [derive_seed(s, *(col[j] for col in cols)) for s in seeds for j in range(m)]
+    lanes = len(seeds) * m
+    # assembled entropy: the run seed (one word), zero-padded to the pool size, then the spawn-key words
+    zero = np.zeros(lanes, np.uint32)
+    entropy = [np.repeat(np.asarray(seeds, dtype=np.uint32), m), zero, zero, zero]
+    entropy += [np.tile(np.asarray(col, dtype=np.uint32), len(seeds)) for col in cols]
+    hash_const = [0x43B0D7E5]
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        value = value ^ np.uint32(hash_const[0])
+        hash_const[0] = (hash_const[0] * 0x931E8875) & _M32
+        value = value * np.uint32(hash_const[0])
+        return value ^ (value >> np.uint32(16))
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        result = np.uint32(0xCA01F9DD) * x - np.uint32(0x4973F715) * y
+        return result ^ (result >> np.uint32(16))
+
+    with np.errstate(over="ignore"):
+        pool = [hashmix(entropy[i]) for i in range(4)]
+        for i_src in range(4):
+            for i_dst in range(4):
+                if i_src != i_dst:
+                    pool[i_dst] = mix(pool[i_dst], hashmix(pool[i_src]))
+        for i_src in range(4, len(entropy)):
+            for i_dst in range(4):
+                pool[i_dst] = mix(pool[i_dst], hashmix(entropy[i_src]))
+        # generate_state(1, uint32): the first pool word through the output hash
+        value = (pool[0] ^ np.uint32(0x8B51F9DD)) * np.uint32((0x8B51F9DD * 0x58F38DED) & _M32)
+        value = value ^ (value >> np.uint32(16))
+    return value.tolist()
+
+
+class _SeedCache:
+    """:func:`derive_seeds` of a seed batch, memoised for the run (fit and sample seeds do not
+    depend on the workflow or method, so every stream reuses them). A request whose last key is a
+    generation t fetches generations 1..G at once (one vectorised evaluation per kind of seed)."""
+
+    def __init__(self, generations: int):
+        self.generations = int(generations)
+        self._memo: Dict[Tuple[Any, ...], List[int]] = {}
+
+    def __call__(self, seeds: Sequence[int], *keys: Any) -> List[int]:
+        seeds = tuple(seeds)
+        key = (seeds,) + keys
+        out = self._memo.get(key)
+        if out is not None:
+            return out
+        *head, last = keys if keys else (None,)
+        if keys and isinstance(last, int) and 1 <= last <= self.generations:
+            gens = range(1, self.generations + 1)
+            flat = derive_seeds(seeds, *head, gens)
+            for j, t in enumerate(gens):
+                self._memo[(seeds, *head, t)] = flat[j :: len(gens)]
+            return self._memo[key]
+        out = self._memo[key] = derive_seeds(seeds, *keys)
+        return out
+
+
+def _run_stream(runner: _Runner, rd: RunDir, records: _Records, st: Settings, workflow: str, method: str,
                 seeds: Tuple[int, ...], real_all: np.ndarray, done: int,
-                hooks: Optional[Callable[[StepInfo], None]], ctx: DistContext) -> None:
+                hooks: Optional[Callable[[StepInfo], None]], ctx: DistContext, derived: _SeedCache) -> None:
     """Generations done+1..G of one (workflow, method, seed batch) stream."""
+    try:
+        _stream_generations(runner, rd, records, st, workflow, method, seeds, real_all, done, hooks, ctx, derived)
+    finally:
+        records.flush()
+
+
+def _stream_generations(runner: _Runner, rd: RunDir, records: _Records, st: Settings, workflow: str, method: str,
+                        seeds: Tuple[int, ...], real_all: np.ndarray, done: int,
+                        hooks: Optional[Callable[[StepInfo], None]], ctx: DistContext, derived: _SeedCache) -> None:
     n_r, n_s, G = st.num_real, st.num_synthetic, st.generations
+    recompute = bool(getattr(runner.model, "recompute_synthetic", False))
     pool = SamplePool(real_all[:, : required_real(workflow, G, n_r)], n_s, G, keeps_history(workflow))
-    reload = range(1, done + 1) if keeps_history(workflow) else range(max(done, 1), done + 1)
-    for g in reload:
-        pool.add(g, load_synthetic(rd.synthetic(workflow, method, seeds, g), seeds, n_s))
-    eval_seeds = [derive_seed(s, "eval") for s in seeds]
     stream_key = (workflow, method, seeds)
-    for t in range(done + 1, G + 1):
+
+    def training_sets(t: int):
         if workflow == "accumulate-subsample":
-            sets = [compose(workflow, t, num_real=n_r, num_synthetic=n_s, seed=derive_seed(s, "subsample", workflow, t),
-                            subsample_size=st.subsample_size) for s in seeds]
-        else:
-            sets = [compose(workflow, t, num_real=n_r, num_synthetic=n_s)] * len(seeds)
+            return [compose(workflow, t, num_real=n_r, num_synthetic=n_s, seed=sub_seed,
+                            subsample_size=st.subsample_size) for sub_seed in derived(seeds, "subsample", workflow, t)]
+        return [compose(workflow, t, num_real=n_r, num_synthetic=n_s)] * len(seeds)
+
+    def fit(t: int, sets) -> Path:
         train = pool.training_data(sets, key=stream_key if t > 1 else (_SHARED, method, seeds))
         workdir = rd.workdir(workflow, method, seeds, t)
         previous = rd.workdir(workflow, method, seeds, t - 1) if (st.init == "previous" and t > 1) else None
+        runner.fit(train, generation=t, seeds=derived(seeds, "fit", t), workdir=workdir, previous=previous,
+                   method=method)
+        return workdir
+
+    def sample(t: int) -> np.ndarray:
+        samples = runner.sample(n_s, derived(seeds, "sample", t))
+        if np.issubdtype(samples.dtype, np.floating) and not np.all(np.isfinite(samples)):
+            raise LoopError(f"{workflow}/{method} generation {t}: the model produced non-finite samples (seeds {list(seeds)})")
+        return samples
+
+    if recompute:
+        # synthetic data is not stored: replay the completed generations (fit + sample, no records)
+        for t in range(1, done + 1):
+            fit(t, training_sets(t))
+            pool.add(t, sample(t))
+    else:
+        reload = range(1, done + 1) if keeps_history(workflow) else range(max(done, 1), done + 1)
+        for g in reload:
+            pool.add(g, load_synthetic(rd.synthetic(workflow, method, seeds, g), seeds, n_s))
+    eval_seeds = derived(seeds, "eval")
+    for t in range(done + 1, G + 1):
+        sets = training_sets(t)
+        workdir = fit(t, sets)
 
         def hook(phase: str) -> None:
             if hooks is not None:
                 hooks(StepInfo(phase, workflow, method, seeds, t, workdir))
 
-        runner.fit(train, generation=t, seeds=[derive_seed(s, "fit", t) for s in seeds], workdir=workdir,
-                   previous=previous, method=method)
         hook("fit")
         syn_path = rd.synthetic(workflow, method, seeds, t)
-        if syn_path.is_file():  # a previous attempt (or, for generation 1, another workflow) made it
+        if recompute:
+            samples = sample(t)
+        elif syn_path.is_file():  # a previous attempt (or, for generation 1, another workflow) made it
             samples = load_synthetic(syn_path, seeds, n_s)
         else:
-            samples = runner.sample(n_s, [derive_seed(s, "sample", t) for s in seeds])
-            if np.issubdtype(samples.dtype, np.floating) and not np.all(np.isfinite(samples)):
-                raise LoopError(f"{workflow}/{method} generation {t}: the model produced non-finite samples (seeds {list(seeds)})")
+            samples = sample(t)
             if ctx.is_main:
                 save_npz(syn_path, samples=samples, seeds=np.asarray(seeds, dtype=np.int64),
                           generation=np.asarray(t))
@@ -258,24 +422,15 @@ def _run_stream(runner: _Runner, rd: RunDir, manifest: dict, st: Settings, workf
             metrics = runner.evaluate(samples, eval_seeds)
         else:
             # the same seeds in every generation: common random numbers for the comparison across generations
-            metrics = runner.evaluate(runner.sample(st.num_eval, [derive_seed(s, "eval-sample") for s in seeds]),
-                                      eval_seeds)
+            metrics = runner.evaluate(runner.sample(st.num_eval, derived(seeds, "eval-sample")), eval_seeds)
         hook("evaluate")
-        if ctx.is_main:
-            record = {
-                "workflow": workflow, "method": method, "generation": t, "seeds": list(seeds),
-                "train_size": [ts.size for ts in sets],
-                "real_fraction": [ts.real_fraction for ts in sets],
-                "metrics": {k: [float(x) for x in v] for k, v in metrics.items()},
-            }
-            atomic_write_json(rd.unit(workflow, method, seeds, t), record)
-            for s in seeds:
-                manifest["completed"][unit_key(workflow, method, s)] = t
-            manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            atomic_write_json(rd.manifest_path, manifest)
-        else:
-            for s in seeds:
-                manifest["completed"][unit_key(workflow, method, s)] = t
+        record = {
+            "workflow": workflow, "method": method, "generation": t, "seeds": list(seeds),
+            "train_size": [ts.size for ts in sets],
+            "real_fraction": [ts.real_fraction for ts in sets],
+            "metrics": {k: [float(x) for x in v] for k, v in metrics.items()},
+        }
+        records.add(rd.unit(workflow, method, seeds, t), record, [unit_key(workflow, method, s) for s in seeds], t)
         ctx.barrier()
         hook("record")
         if log.isEnabledFor(logging.INFO):

@@ -25,6 +25,12 @@ class GenerativeModel(Protocol):
         supported_methods: subset of :data:`METHODS`; others are refused before any work.
         num_real_available: size of the real data set, or None if unlimited (a known
             distribution). Checked against the workflows' needs before any work.
+        recompute_synthetic (optional, default False): True if the model's fit and sampling are
+            cheap enough to redo (the toys). The driver then keeps the synthetic data in memory
+            only (no ``synthetic/*.npz``) and, on resume, *replays* each unfinished stream's
+            completed generations (fit + sample, deterministic by the contract below; no hooks,
+            no records) to rebuild its pool. Left False (diffusion), every generation's samples are
+            stored atomically and reloaded on resume.
 
     Contract (what makes resume and reproducibility work):
 
@@ -48,6 +54,7 @@ class GenerativeModel(Protocol):
     batched: bool
     supported_methods: Tuple[str, ...]
     num_real_available: Optional[int]
+    recompute_synthetic: bool
 
     def real_data(self, num: int, *, seed: Any) -> np.ndarray:
         """``num`` real training samples for ``seed`` ([num, ...]; batched: [S, num, ...]).

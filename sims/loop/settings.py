@@ -14,6 +14,9 @@ from sims.errors import LoopError, WorkflowError
 from sims.loop.protocol import INITS, METHODS
 from sims.utils import flatten_dict
 
+AUX_DATA: Tuple[str, ...] = ("own", "synthetic", "both")
+"""``loop.aux_data``: what a SIMS stream's auxiliary learns from (see :mod:`sims.loop.models.diffusion`)."""
+
 
 @dataclass(frozen=True)
 class Settings:

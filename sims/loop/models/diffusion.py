@@ -38,9 +38,8 @@ from sims.stages.synthetic import make_synthetic
 from sims.training.export import load_denoiser, load_state
 from sims.training.fit import fit_stage, stage_done
 from sims.training.module import EDMModule
+from sims.loop.settings import AUX_DATA
 from sims.utils import atomic_write_json, atomic_write_text
-
-AUX_DATA = ("own", "synthetic", "both")
 
 
 class DiffusionLoopModel:
