@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,7 +48,7 @@ def main() -> int:
     from sims.utils import atomic_write_json, atomic_write_text
 
     sel = report["selection"]
-    lines = [f"# Digits SIMS sweep: ω × auxiliary snapshot × base EMA × auxiliary EMA", "",
+    lines = ["# Digits SIMS sweep: ω × auxiliary snapshot × base EMA × auxiliary EMA", "",
              f"Command: `python benchmarks/digits_sweep.py {' '.join(sys.argv[1:])}` (runs `sims-train "
              f"{' '.join(cmd[3:])}`); wall time of this invocation {wall:.1f} min.", "",
              f"Selection sets {report['selection_seed_offsets']} × {report['selection_num_samples']} samples; "

@@ -7,7 +7,6 @@ benchmarks/results/sampler_memory.json.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys

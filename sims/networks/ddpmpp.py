@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sims.networks.layers import (Conv2d, Init, PositionalEmbedding, UNetBlock, check_augment_labels,
-                                  check_image_input, check_noise_labels, check_unet_geometry,
-                                  conditional_onehot, group_norm, linear)
+from sims.networks.inputs import (check_augment_labels, check_image_input, check_noise_labels,
+                                  check_unet_geometry, conditional_onehot)
+from sims.networks.layers import Conv2d, Init, PositionalEmbedding, UNetBlock, group_norm, linear
 
 
 class DDPMpp(nn.Module):

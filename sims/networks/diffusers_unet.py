@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from sims.networks.layers import group_norm_groups, labels_to_onehot
+from sims.networks.inputs import labels_to_onehot
+from sims.networks.layers import group_norm_groups
 
 
 def _import_unet2d():

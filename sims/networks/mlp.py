@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sims.networks.layers import PositionalEmbedding, init_small, labels_to_onehot
+from sims.networks.inputs import labels_to_onehot
+from sims.networks.layers import PositionalEmbedding, init_small
 
 
 class MLPBlock(nn.Module):
