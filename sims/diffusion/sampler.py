@@ -89,30 +89,41 @@ def edm_sampler(denoiser: Denoiser, latents: torch.Tensor, *, class_labels: Opti
 
 
 class SeedNoise:
-    """Per-seed random streams: row k of every draw comes from its own ``torch.Generator``
-    seeded with ``seeds[k]``, so a sample depends on its seed only, never on the batch it is in.
+    """Per-seed random streams: row k of every draw comes from its own ``torch.Generator`` seeded
+    with ``seeds[k]``, so a sample depends on its seed only, never on the batch it is in or on the
+    number of processes (EDM's ``StackedRandomGenerator``, Karras et al. 2022, ``generate.py``).
+
+    The generators live on ``device`` and every draw happens there: on CUDA, one
+    ``torch.Generator("cuda")`` per seed, so latents, labels and churn noise are made on the GPU
+    with no host-to-device copy (EDM's semantics). A seed therefore gives the same sample on every
+    device *of one type*, whatever the batch size or world size, but CPU and CUDA samples of the
+    same seed differ (the CPU's Mersenne Twister and CUDA's Philox are different streams; a large
+    CUDA draw may also differ between GPU models, whose launch grids differ). Seeds are taken modulo
+    2**32, as EDM's ``manual_seed(seed % 2**32)``; on the CPU this is no change (its Mersenne
+    Twister reads only the low 32 bits of a seed), so seeds s and s + 2**32 share a stream on
+    every device.
 
     Args:
-        seeds: integer seeds, one per row.
-        device: where the returned tensors live (draws happen on CPU for bit-identical
-            results across devices and batch sizes).
+        seeds: non-negative integer seeds, one per row.
+        device: where the generators live, the draws happen and the returned tensors are.
     """
 
     def __init__(self, seeds: Sequence[int], device="cpu"):
         self.seeds = [int(s) for s in seeds]
         self.device = torch.device(device)
-        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self.generators = [torch.Generator(device=self.device).manual_seed(s % 2**32) for s in self.seeds]
 
     def randn(self, *shape: int) -> torch.Tensor:
-        """Standard normal draws of shape [len(seeds), *shape], float32."""
-        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
+        """Standard normal draws of shape [len(seeds), *shape], float32, on ``device``."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        """Standard normal draws of x's shape (its first dimension must equal len(seeds))."""
+        """Standard normal draws of x's shape (its first dimension must equal len(seeds)), drawn in
+        float32 and returned in x's dtype on ``device``."""
         if x.shape[0] != len(self.generators):
             raise ValueError(f"batch of {x.shape[0]} rows but {len(self.generators)} seeds")
         return self.randn(*x.shape[1:]).to(dtype=x.dtype)
 
     def randint(self, high: int) -> torch.Tensor:
-        """One integer in [0, high) per seed, shape [len(seeds)], int64."""
-        return torch.stack([torch.randint(high, (), generator=g) for g in self.generators]).to(self.device)
+        """One integer in [0, high) per seed, shape [len(seeds)], int64, on ``device``."""
+        return torch.stack([torch.randint(high, (), generator=g, device=self.device) for g in self.generators])
