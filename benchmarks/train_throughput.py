@@ -45,12 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sims.config import NetworkConfig  # noqa: E402
-from sims.diffusion import EDMLoss, EDMPrecond  # noqa: E402
-from sims.networks import build_backbone, count_parameters  # noqa: E402
-from sims.networks.diffusers_unet import DiffusersUNet, diffusers_unet_kwargs_matching  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 
-LAYOUT_KEYS = ("model_channels", "channel_mult", "num_blocks", "attn_resolutions")
+# the training step, its interleaved timing and the matched diffusers UNet are the GPU check's (one copy)
+from common import Trainer, build_diffusers_match, interleaved  # noqa: E402
+
+from sims.config import NetworkConfig  # noqa: E402
+from sims.networks import build_backbone, count_parameters  # noqa: E402
+
 CONFIGS = {
     "digits": dict(res=8, ch=1, batch=128, iters=30, warmup=3, repeats=5,
                    net=dict(model_channels=32, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4])),
@@ -59,44 +61,6 @@ CONFIGS = {
                     net=dict(model_channels=128, channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4,
                              attn_resolutions=[16], adaptive_scale=False, augment_dim=9)),
 }
-
-
-class Trainer:
-    """One model's training step (EDM loss, sum over elements / mean over batch, Adam)."""
-
-    def __init__(self, name, backbone, batch, res, ch, device, autocast_dtype, augment_dim=0):
-        self.name = name
-        self.params = count_parameters(backbone)
-        self.denoiser = EDMPrecond(backbone.to(device), sigma_data=0.5, autocast_dtype=autocast_dtype)
-        self.loss_fn, self.loss_impl = EDMLoss(), "sims.diffusion"
-        self.denoiser.train()
-        self.opt = torch.optim.Adam(self.denoiser.parameters(), lr=1e-4)
-        g = torch.Generator().manual_seed(0)
-        self.images = (torch.rand(batch, ch, res, res, generator=g) * 2 - 1).to(device)
-        self.augment_labels = torch.zeros(batch, augment_dim, device=device) if augment_dim else None
-        self.batch, self.device, self.rates = batch, device, []
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def step(self):
-        loss = self.loss_fn(self.denoiser, self.images, augment_labels=self.augment_labels).sum() / self.batch
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss
-
-    def run(self, n):
-        self._sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            loss = self.step()
-        self._sync()
-        dt = time.perf_counter() - t0
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{self.name}: non-finite loss {loss.item()}")
-        return n * self.batch / dt
 
 
 def bench_config(name, spec, args, device, autocast_dtype):
@@ -110,27 +74,21 @@ def bench_config(name, spec, args, device, autocast_dtype):
     cfg = NetworkConfig(arch="ddpmpp", dropout=0.0, **spec["net"])
     ours = build_backbone(cfg, spec["res"], spec["ch"])
     n_ours = count_parameters(ours)
-    layout = {k: spec["net"][k] for k in LAYOUT_KEYS}
-    kw = diffusers_unet_kwargs_matching(n_ours, spec["res"], spec["ch"], dropout=0.0, adaptive_scale=False,
-                                        channel_mult_emb=cfg.channel_mult_emb, **layout)
-    theirs = DiffusersUNet(kw)
-    trainers = [Trainer("sims DDPM++", ours, batch, spec["res"], spec["ch"], device, autocast_dtype,
-                        augment_dim=cfg.augment_dim),
-                Trainer("diffusers UNet2DModel", theirs, batch, spec["res"], spec["ch"], device, autocast_dtype)]
-    for t in trainers:
-        if warmup:
-            t.run(warmup)
+    theirs, kw = build_diffusers_match(n_ours, {**spec["net"], "channel_mult_emb": cfg.channel_mult_emb},
+                                       spec["res"], spec["ch"])
+    trainers = [Trainer("sims DDPM++", ours, batch=batch, res=spec["res"], ch=spec["ch"], device=device,
+                        autocast_dtype=autocast_dtype, augment_dim=cfg.augment_dim),
+                Trainer("diffusers UNet2DModel", theirs, batch=batch, res=spec["res"], ch=spec["ch"], device=device,
+                        autocast_dtype=autocast_dtype)]
+    interleaved(trainers, warmup, iters, repeats)
     per_round = max(1, iters // repeats)
-    for _ in range(repeats):
-        for t in trainers:
-            t.rates.append(t.run(per_round))
     rows = []
     for t in trainers:
         ips = statistics.median(t.rates)
         rows.append(dict(config=name, model=t.name, params_M=t.params / 1e6, batch=batch, img_per_s=ips,
                          img_per_s_x_params_M=ips * t.params / 1e6, best_img_per_s=max(t.rates),
                          round_rates=t.rates,
-                         timed_iters=per_round * repeats, warmup=warmup, loss_impl=t.loss_impl))
+                         timed_iters=per_round * repeats, warmup=warmup, loss_impl="sims.diffusion"))
     rows[0]["ratio_img_per_s"] = rows[0]["img_per_s"] / rows[1]["img_per_s"]
     rows[0]["ratio_img_per_s_x_params"] = rows[0]["img_per_s_x_params_M"] / rows[1]["img_per_s_x_params_M"]
     rows[0]["ratio_best_img_per_s"] = rows[0]["best_img_per_s"] / rows[1]["best_img_per_s"]

@@ -26,6 +26,18 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")``), restored afterwards: for tiny nets and bitwise comparisons one thread is as
+    fast, matches subprocesses run with OMP_NUM_THREADS=1, and is immune to OpenMP spin-waits on shared
+    cores (2 threads were measured 10-30x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # A toy run small enough for CI: 2-D moons, a small MLP, 60 steps.
 TOY_ARGS = ["configs/toy2d.yaml", "train.total_kimg=15.36", "train.batch_size=256", "network.hidden_dim=64",
             "network.num_layers=2", "train.progress_bar=false", "data.num_samples=2000", "train.ckpt_every_kimg=2.56",

@@ -90,14 +90,7 @@ def assert_same_tensors(a, b, what):
         assert torch.equal(a[k], b[k]), f"{what}: {k} differs (max |diff| {(a[k] - b[k]).abs().max().item():.3g})"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread in every run of this file (the killed subprocess too): the comparisons are bitwise,
-    and on 2 shared, busy cores a 2-thread CPU step of this toy was measured 10-30x slower than 1 thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -156,5 +149,5 @@ def test_same_batches_and_weights_with_two_workers(reference, tmp_path):
 
 if __name__ == "__main__":  # the killed run of test_killed_augmented_run_resumes_bit_identically
     sys.path.insert(0, str(ROOT))
-    torch.set_num_threads(1)  # as the fixture one_thread
+    torch.set_num_threads(1)  # as the fixture one_torch_thread
     train(Path(sys.argv[1]))

@@ -91,14 +91,7 @@ def _assert_same_result(two: dict, one: dict) -> None:
             assert b == a, (key, a, b)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread in this process too, like the subprocesses (OMP_NUM_THREADS=1): on a shared
-    2-core machine two threads per process doubled the CPU time of these small batches."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

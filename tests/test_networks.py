@@ -22,14 +22,7 @@ TINY_ADM = dict(arch="adm", model_channels=32, channel_mult=[1, 2], num_blocks=1
 DIGITS = dict(arch="ddpmpp", model_channels=32, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4], dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These nets are tiny: one intra-op thread is as fast, and immune to OpenMP spin-waits when the
-    machine's cores are shared (2 threads measured 15-20x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(label_dim=0, base=TINY, **over):

@@ -35,19 +35,21 @@ def train_sizes(mode: Mode) -> Dict[str, Any]:
                 precisions=("fp32",), compile_precision="fp32")
 
 
-def _net_no_dropout(net: Dict[str, Any]) -> Dict[str, Any]:
-    return {**net, "dropout": 0.0}  # timing without dropout in both models (diffusers' is 0 too)
+def _train_setup(mode: Mode, args):
+    """(sizes, batch, network) of the training sections: the mode's sizes, ``--batch`` if given, the
+    network without dropout (timing without dropout in both models; diffusers' is 0 too); cuDNN
+    autotuning on for CUDA."""
+    z = train_sizes(mode)
+    if mode.cuda:
+        torch.backends.cudnn.benchmark = True
+    return z, args.batch or z["batch"], {**z["net"], "dropout": 0.0}
 
 
 def section_train(sec: Section, mode: Mode, args) -> str:
     """fp32 (TF32 off, EDM's setting) / TF32 / bf16 img/s and MFU of our DDPM++ and diffusers' UNet2DModel,
     interleaved per precision; then the largest per-GPU batch (bf16, fp32)."""
-    z = train_sizes(mode)
-    batch = args.batch or z["batch"]
-    net = _net_no_dropout(z["net"])
+    z, batch, net = _train_setup(mode, args)
     device = mode.device
-    if mode.cuda:
-        torch.backends.cudnn.benchmark = True
     sec.data["config"] = dict(network=net, resolution=z["res"], batch=batch, warmup=z["warmup"], iters=z["iters"],
                               repeats=z["repeats"], step="EDM loss fwd+bwd+Adam (fused on CUDA), dropout 0")
     table = sec.table("training throughput (img/s, MFU vs 790 / 990 TFLOP/s bf16)", TRAIN_COLUMNS)
@@ -194,12 +196,8 @@ def section_compile(sec: Section, mode: Mode, args) -> str:
     """bf16 (fp32 in the CPU mode) + torch.compile against eager (ours; then diffusers if time is left), interleaved;
     compile time measured separately (first compiled steps minus a compiled step), skipped with a
     note past ``args.compile_cap`` seconds (120 on the GPU)."""
-    z = train_sizes(mode)
-    batch = args.batch or z["batch"]
-    net = _net_no_dropout(z["net"])
+    z, batch, net = _train_setup(mode, args)
     device = mode.device
-    if mode.cuda:
-        torch.backends.cudnn.benchmark = True
     backend = "eager" if mode.dry else None  # the dry run checks the path, not inductor's C++ build
     precision = z["compile_precision"]
     dtype = torch.bfloat16 if precision == "bf16" else None
