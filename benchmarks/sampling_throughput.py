@@ -20,7 +20,7 @@ from sims.config import NetworkConfig
 from sims.diffusion import CountedDenoiser, SIMSGuidance
 from sims.dist import single_process
 from sims.generation import generate
-from sims.training.module import build_denoiser
+from sims.training.denoiser import build_denoiser
 
 
 def sample_seeds(denoiser, seeds, shape, *, sampler, device):

@@ -67,7 +67,7 @@ def eval_fixture(ctx, out: Path):
     from sims.config import to_container
     from sims.data import load_real_dataset
     from sims.stages.evaluate import build_reference, make_extractor
-    from sims.training.module import build_denoiser
+    from sims.training.denoiser import build_denoiser
 
     cfg = toy_config(out)
     data = load_real_dataset(cfg.data)

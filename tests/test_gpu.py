@@ -22,7 +22,7 @@ TINY = dict(arch="ddpmpp", model_channels=16, channel_mult=[1, 2], num_blocks=1,
 
 
 def _denoiser(precision="32-true", device="cuda", seed=0):
-    from sims.training.module import build_denoiser
+    from sims.training.denoiser import build_denoiser
 
     torch.manual_seed(seed)
     den = build_denoiser(TINY, (1, 8, 8), 0, precision=precision)

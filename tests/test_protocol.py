@@ -16,7 +16,7 @@ from sims.stages.report import summarize
 from sims.stages.rundir import load_run_denoiser
 from sims.stages.sims import Cell
 from sims.training.export import save_denoiser
-from sims.training.module import build_denoiser
+from sims.training.denoiser import build_denoiser
 
 
 def _cfg(*extra):

@@ -44,7 +44,7 @@ from sims.stages.base import check_base_fits
 from sims.training.edm_import import convert_edm_network, edm_tensor_shapes, resolve_backbone_kwargs
 from sims.training.edm_pickle import ClassNode, EDMSnapshot
 from sims.training.export import read_metadata, save_denoiser
-from sims.training.module import build_denoiser
+from sims.training.denoiser import build_denoiser
 
 CONFIGS = ROOT / "configs"
 OMEGA_GRID = [0.25 * i for i in range(9)]  # 0 ... 2 in steps of 0.25 (Neon, SPEC §1)

@@ -2,8 +2,13 @@
 nothing written in the run directory (no stage directory, no checkpoint)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+
+from conftest import ROOT
 
 from sims.cli.train import main as train_main
 from sims.metrics import save_npz
@@ -83,3 +88,19 @@ def test_a_bug_is_not_hidden_as_a_one_liner(monkeypatch, tmp_path):
     monkeypatch.setattr(v, "validate", broken)
     with pytest.raises(ZeroDivisionError):
         train_main(["configs/digits.yaml", f"run_dir={tmp_path / 'R'}"])
+
+
+def test_a_refused_config_never_imports_lightning(tmp_path):
+    """A config error comes before the Lightning import (seconds, not the ~10 s Lightning costs on a
+    loaded 2-core machine): the validation builds the network on the meta device without it."""
+    code = ("import sys; from sims.cli.train import main; "
+            f"rc = main(['configs/digits.yaml', 'run_dir={tmp_path / 'R'}', 'sims.omegas=[0,nan]']); "
+            "print(rc, any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules))")
+    ok = ("import sys; from sims.config import load_config; from sims.cli.validate import validate\n"
+          "for c in ('configs/digits.yaml', 'configs/loop/digits.yaml', 'configs/digits_control.yaml'):\n"
+          "    validate(load_config(c, ['run_dir=/unused']))\n"
+          "print('lightning' in sys.modules)")
+    refused = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.stdout.split() == ["2", "False"], refused.stdout + refused.stderr[-2000:]
+    passed = subprocess.run([sys.executable, "-c", ok], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert passed.stdout.split() == ["False"], passed.stdout + passed.stderr[-2000:]

@@ -188,7 +188,7 @@ def max_batch(sec: Section, mode: Mode, net: Dict[str, Any], z: Dict[str, Any]) 
             return {"batch": best, "peak_mem_GiB": peak, "tried": tried}
 
         guarded(sec, table, f"max batch {precision}", one, {"model": "sims DDPM++", "precision": precision})
-        del backbone
+        backbone = None  # freed (fits() closes over the name, so it is rebound rather than deleted)
         free()
 
 

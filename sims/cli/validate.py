@@ -87,7 +87,7 @@ def check_network(cfg: DictConfig, shape, label_dim: int) -> None:
     """Build the denoiser on the meta device (no memory): every geometry error surfaces here."""
     import torch
 
-    from sims.training.module import build_denoiser
+    from sims.training.denoiser import build_denoiser
 
     with torch.device("meta"):
         _wrap("network", build_denoiser, OmegaConf.to_container(cfg.network, resolve=True), shape, label_dim,
@@ -96,7 +96,7 @@ def check_network(cfg: DictConfig, shape, label_dim: int) -> None:
 
 def check_train(cfg: DictConfig) -> None:
     from sims.dist import launch_shape, detect_launcher
-    from sims.training.module import PRECISIONS
+    from sims.training.denoiser import PRECISIONS
     from sims.training.sampler import accumulation_steps
 
     t = cfg.train
@@ -166,7 +166,7 @@ def check_features(cfg: DictConfig, shape, is_image: bool) -> str:
 
 def check_sims(cfg: DictConfig, shape, label_dim: int) -> None:
     from sims.diffusion import SIMSGuidance
-    from sims.stages.sims import check_seed_sets
+    from sims.stages.seeds import check_seed_sets
 
     s = cfg.sims
     _require(len(s.omegas) >= 1, "sims.omegas", "the ω grid is empty")

@@ -22,11 +22,11 @@ from omegaconf import DictConfig
 
 from sims.config import to_container
 from sims.dist import DistContext
-from sims.errors import ConfigError
 from sims.stages.aux import finetune_aux
 from sims.stages.evaluate import (Reference, build_reference, digits_judge, evaluate_denoiser, feature_name,
                                   make_extractor)
 from sims.stages.rundir import check_compatible, weights_file
+from sims.stages.seeds import check_seed_sets
 from sims.stages.synthetic import make_synthetic
 from sims.training.callbacks import snapshot_kimg
 from sims.training.export import load_denoiser, weights_sha256
@@ -34,35 +34,6 @@ from sims.training.module import ema_key
 from sims.utils import atomic_write_json
 
 log = logging.getLogger("sims")
-
-
-def seed_range(offset: int, n: int) -> Tuple[int, int]:
-    return int(offset), int(offset) + int(n)
-
-
-def check_seed_sets(cfg: DictConfig) -> None:
-    """Synthetic, selection, report and FD-callback seed ranges must be pairwise disjoint, and n_s at
-    least one batch.
-
-    Raises:
-        ConfigError: naming the two overlapping ranges.
-    """
-    s = cfg.sims
-    ranges = [("synthetic", "sims.synthetic_seed_offset", seed_range(s.synthetic_seed_offset, s.num_synthetic))]
-    ranges += [(f"selection set {o}", "sims.selection_seed_offsets", seed_range(o, s.selection_num_samples))
-               for o in s.selection_seed_offsets]
-    ranges += [(f"report set {o}", "sims.report_seed_offsets", seed_range(o, s.report_num_samples))
-               for o in s.report_seed_offsets]
-    if cfg.train.eval_every_kimg > 0:
-        ranges.append(("FD-callback", "train.eval_seed_offset",
-                       seed_range(cfg.train.eval_seed_offset, cfg.train.eval_num_samples)))
-    for i, (name_a, key_a, (a0, a1)) in enumerate(ranges):
-        for name_b, key_b, (b0, b1) in ranges[i + 1:]:
-            if a0 < b1 and b0 < a1:
-                raise ConfigError(f"{name_a} seeds [{a0}, {a1}) overlap {name_b} seeds [{b0}, {b1}): change "
-                                  f"{key_a} or {key_b}")
-    if int(s.num_synthetic) < int(cfg.train.batch_size):
-        raise ConfigError(f"sims.num_synthetic={s.num_synthetic} is smaller than one batch ({cfg.train.batch_size})")
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,7 @@ def load_denoiser(path: str | Path, device: str | torch.device = "cpu",
     Raises:
         MissingFileError / WeightsError: missing or corrupt file, or weights that do not fit the stored architecture.
     """
-    from sims.training.module import build_denoiser
+    from sims.training.denoiser import build_denoiser
 
     meta = read_metadata(path)
     for key in ("network", "data_shape", "label_dim"):
