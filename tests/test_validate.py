@@ -95,7 +95,7 @@ def test_a_refused_config_never_imports_lightning(tmp_path):
     loaded 2-core machine): the validation builds the network on the meta device without it."""
     code = ("import sys; from sims.cli.train import main; "
             f"rc = main(['configs/digits.yaml', 'run_dir={tmp_path / 'R'}', 'sims.omegas=[0,nan]']); "
-            "print(rc, any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules))")
+            "print(rc, 'lightning' in sys.modules)")
     ok = ("import sys; from sims.config import load_config; from sims.cli.validate import validate\n"
           "for c in ('configs/digits.yaml', 'configs/loop/digits.yaml', 'configs/digits_control.yaml'):\n"
           "    validate(load_config(c, ['run_dir=/unused']))\n"
