@@ -95,6 +95,23 @@ def test_mismatched_auxiliary_is_refused(toy_run, tmp_path):
     assert proc.returncode == 2 and "does not match the base model: network" in proc.stderr
 
 
+def test_a_base_given_as_one_file_of_any_name_is_adopted(toy_run, tmp_path):
+    # sims.base may name a weights file (e.g. written by sims-import) as well as a run directory
+    from sims.stages.base import adopt_base
+    from sims.training.export import read_metadata, weights_sha256
+
+    run, _ = toy_run
+    source = tmp_path / "imported" / "my-model.safetensors"
+    source.parent.mkdir()
+    shutil.copy(run / "base/ema.safetensors", source)
+    meta = read_metadata(source)
+    stage = tmp_path / "adopter" / "base"
+    weights = adopt_base(single_process(), source, stage, meta["data_shape"], int(meta["label_dim"]))
+    assert weights == stage / "ema.safetensors" and weights_sha256(weights) == weights_sha256(source)
+    assert sorted(p.name for p in stage.iterdir()) == ["DONE", "SOURCE.json", "ema.safetensors"]
+    assert json.loads((stage / "SOURCE.json").read_text())["sha256"] == weights_sha256(source)
+
+
 def test_store_resumes_without_duplicates(tmp_path):
     made = []
 
