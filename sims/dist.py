@@ -249,6 +249,19 @@ def init_distributed(accelerator: str = "auto", devices: int = 1, num_nodes: int
                        launcher=detect_launcher() if launcher == "single" else launcher)
 
 
+def shutdown_distributed() -> None:
+    """End a command's process group: a barrier, then ``destroy_process_group`` (no-op with one process).
+
+    Without it a gloo process can abort at interpreter exit ("terminate called without an active
+    exception", exit -6) while its communication threads are torn down, after its work is done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def single_process(device: str | torch.device = "cpu") -> DistContext:
     """A one-process context on ``device`` (library use and tests)."""
     return DistContext(device=torch.device(device))

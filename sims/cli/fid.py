@@ -166,6 +166,9 @@ def main(argv=None) -> int:
             from sims.utils import atomic_write_json
 
             atomic_write_json(Path(args.json), result)
+    from sims.dist import shutdown_distributed
+
+    shutdown_distributed()
     return 0
 
 
