@@ -138,10 +138,9 @@ def adopt_base(ctx: DistContext, source: Path, stage_dir: Path, data_shape, labe
                                    f"(sha256 {old.get('sha256', '')[:12]}…), not {weights}; use a new run_dir")
         if not stage_done(stage_dir):
             stage_dir.mkdir(parents=True, exist_ok=True)
-            if Path(source).is_file():  # one weights file, whatever its name: it is the base's main EMA
-                shutil.copyfile(weights, stage_dir / "ema.safetensors")
-            else:  # a run directory: its main EMA and every further EMA length
-                for f in sorted(weights.parent.glob("ema*.safetensors")):
+            shutil.copyfile(weights, stage_dir / "ema.safetensors")  # whatever the source file's name
+            if weights.name == "ema.safetensors":  # a run's main EMA (its directory or that file): its other EMAs too
+                for f in sorted(weights.parent.glob("ema-*.safetensors")):
                     shutil.copyfile(f, stage_dir / f.name)
             imported = weights.parent.parent / "IMPORT.json"
             atomic_write_json(record, {"path": str(weights), "sha256": digest, "kimg": meta.get("kimg"),
