@@ -104,12 +104,28 @@ def test_a_base_given_as_one_file_of_any_name_is_adopted(toy_run, tmp_path):
     source = tmp_path / "imported" / "my-model.safetensors"
     source.parent.mkdir()
     shutil.copy(run / "base/ema.safetensors", source)
+    (tmp_path / "IMPORT.json").write_text(json.dumps({"sha256": "an-unrelated-import"}))  # a folder above it
     meta = read_metadata(source)
     stage = tmp_path / "adopter" / "base"
     weights = adopt_base(single_process(), source, stage, meta["data_shape"], int(meta["label_dim"]))
     assert weights == stage / "ema.safetensors" and weights_sha256(weights) == weights_sha256(source)
     assert sorted(p.name for p in stage.iterdir()) == ["DONE", "SOURCE.json", "ema.safetensors"]
-    assert json.loads((stage / "SOURCE.json").read_text())["sha256"] == weights_sha256(source)
+    record = json.loads((stage / "SOURCE.json").read_text())
+    assert record["sha256"] == weights_sha256(source) and record["import"] is None
+
+
+def test_the_import_record_is_kept_only_for_the_weights_it_describes(tmp_path):
+    from sims.stages.base import import_record_of
+
+    run = tmp_path / "imported-run"
+    (run / "base").mkdir(parents=True)
+    (run / "IMPORT.json").write_text(json.dumps({"sha256": "abc", "backbone": "SongUNet"}))
+    weights = run / "base" / "ema.safetensors"
+    assert import_record_of(weights, {"source_sha256": "abc"}) == {"sha256": "abc", "backbone": "SongUNet"}
+    assert import_record_of(weights, {"source_sha256": "other"}) is None  # the record is of another pickle
+    assert import_record_of(weights, {}) is None  # trained weights carry no source_sha256
+    (run / "loose").mkdir()
+    assert import_record_of(run / "loose" / "w.safetensors", {"source_sha256": "abc"}) is None  # not a run's base/
 
 
 def test_store_resumes_without_duplicates(tmp_path):

@@ -117,6 +117,20 @@ def base_weights_of(source: Path) -> Path:
     return weights
 
 
+def import_record_of(weights: Path, meta: dict) -> Optional[dict]:
+    """The ``IMPORT.json`` of the ``sims-import`` run that wrote ``weights``, or None.
+
+    Only a run's own layout counts (``RUN/base/<file>`` beside ``RUN/IMPORT.json``), and only when the
+    record describes these weights (its pickle SHA-256 equals the weights' ``source_sha256``): a loose
+    weights file never picks up an unrelated record from a folder above it.
+    """
+    record = Path(weights).parent.parent / "IMPORT.json"
+    if Path(weights).parent.name != "base" or not record.is_file():
+        return None
+    data = json.loads(record.read_text())
+    return data if data.get("sha256") is not None and data.get("sha256") == meta.get("source_sha256") else None
+
+
 def adopt_base(ctx: DistContext, source: Path, stage_dir: Path, data_shape, label_dim: int) -> Path:
     """Copy another run's base weights into ``stage_dir`` (rank 0) and record where they came from
     (``SOURCE.json``: path and SHA-256); nothing is trained.
@@ -142,9 +156,8 @@ def adopt_base(ctx: DistContext, source: Path, stage_dir: Path, data_shape, labe
             if weights.name == "ema.safetensors":  # a run's main EMA (its directory or that file): its other EMAs too
                 for f in sorted(weights.parent.glob("ema-*.safetensors")):
                     shutil.copyfile(f, stage_dir / f.name)
-            imported = weights.parent.parent / "IMPORT.json"
             atomic_write_json(record, {"path": str(weights), "sha256": digest, "kimg": meta.get("kimg"),
-                                       "import": json.loads(imported.read_text()) if imported.is_file() else None})
+                                       "import": import_record_of(weights, meta)})
             atomic_write_text(stage_dir / "DONE", f"adopted={weights}\n")
             log.info("base: taken from %s (sha256 %s)", weights, digest[:12])
     ctx.barrier()
