@@ -172,8 +172,9 @@ class ControlConfig:
 class SIMSConfig:
     """SIMS (Alemohammad et al. 2024, Algorithm 1): auxiliary fine-tune and guided evaluation.
 
-    ``base``: a completed run directory (e.g. written by ``sims-import``) whose weights are this
-    run's base model instead of training one. ``num_synthetic`` = n_s, ``aux_kimg`` = budget B
+    ``base``: a completed run directory (e.g. written by ``sims-import``) or weights file whose
+    weights are this run's base model instead of training one; the network is then the base's (its
+    metadata), and the config's ``network`` section is not used. ``num_synthetic`` = n_s, ``aux_kimg`` = budget B
     (kimg); ``aux_lr``, ``aux_lr_rampup_kimg``, ``aux_ema_halflife_kimg`` and
     ``aux_ema_rampup_ratio`` (null: off, as EDM's transfer learning) give the auxiliary model its
     own schedule; ``aux_snapshot_every_kimg`` exports auxiliary snapshots for the sweep.

@@ -82,8 +82,10 @@ def test_digits_one_hot_labels_and_collate():
 
 
 def test_channels_mismatch_and_max_size():
-    with pytest.raises(DatasetError, match=r"data.channels=3 .* 1 channels"):
-        load_real_dataset(_cfg(name="digits", channels=3))
+    with pytest.raises(DatasetError, match=r"data.channels=2 .* 1 channels"):
+        load_real_dataset(_cfg(name="digits", channels=2))
+    gray, rgb = load_real_dataset(_cfg(name="digits", resolution=16)), load_real_dataset(_cfg(name="digits", resolution=16, channels=3))
+    assert rgb.data.shape == (1797, 3, 16, 16) and all(torch.equal(rgb.data[:, c], gray.data[:, 0]) for c in range(3))
     ds = load_real_dataset(_cfg(name="digits", max_size=100, use_labels=True))
     assert len(ds) == 100 and ds.label_dim == 10
     with pytest.raises(ValueError, match=r"digits, toy2d, folder, cifar10"):

@@ -251,9 +251,10 @@ def test_digits_features_offline_accuracy_and_shapes(digits_split, monkeypatch):
     x16 = x_te.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     torch.testing.assert_close(ext(x16), f8)
     torch.testing.assert_close(ext(x_te.reshape(-1, 64)), f8)
+    torch.testing.assert_close(ext(x16.repeat(1, 3, 1, 1)), f8)  # gray repeated to RGB (data.channels=3)
     # a parent's .train() cannot switch the extractor out of eval mode
     assert ext.train().training is False
-    with pytest.raises(ValueError, match=r"\[N, 1, 8, 8\].*got shape \(2, 1, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"\[N, 1 or 3, 8, 8\].*got shape \(2, 1, 28, 28\)"):
         ext(torch.zeros(2, 1, 28, 28))
 
 

@@ -51,7 +51,8 @@ def data_shape_of(cfg: DictConfig) -> Tuple[Tuple[int, ...], int]:
         return (toy_dim(d.toy),), 0
     if d.name == "digits":
         _require(d.resolution in (8, 16), "data.resolution", f"digits are 8x8 or 16x16, got {d.resolution}")
-        return (1, int(d.resolution), int(d.resolution)), 10 if d.use_labels else 0
+        _require(d.channels in (1, 3), "data.channels", f"digits are gray (1) or gray repeated to RGB (3), got {d.channels}")
+        return (int(d.channels), int(d.resolution), int(d.resolution)), 10 if d.use_labels else 0
     _require(bool(d.path), "data.path", f"data.name={d.name} needs data.path (a folder or .zip of PNGs, or the "
              "cifar-10-batches-py folder)")
     _require(Path(d.path).expanduser().exists(), "data.path", f"data set not found: {d.path}")
@@ -83,6 +84,21 @@ def data_classes(cfg: DictConfig) -> int:
     return 1 + max((int(lab) for _, lab in labels), default=-1)
 
 
+def network_of(cfg: DictConfig) -> dict:
+    """The network this run trains: the adopted base's (``sims.base``, from its metadata), else ``network``.
+
+    Raises:
+        ConfigError: ``sims.base`` is set but holds no readable completed base.
+    """
+    if cfg.sims.base and not cfg.loop.enabled:
+        from sims.stages.base import base_weights_of
+        from sims.training.export import read_metadata
+
+        weights = _wrap("sims.base", base_weights_of, Path(cfg.sims.base))
+        return dict(_wrap("sims.base", read_metadata, weights)["network"])
+    return OmegaConf.to_container(cfg.network, resolve=True)
+
+
 def check_network(cfg: DictConfig, shape, label_dim: int) -> None:
     """Build the denoiser on the meta device (no memory): every geometry error surfaces here."""
     import torch
@@ -90,7 +106,7 @@ def check_network(cfg: DictConfig, shape, label_dim: int) -> None:
     from sims.training.denoiser import build_denoiser
 
     with torch.device("meta"):
-        _wrap("network", build_denoiser, OmegaConf.to_container(cfg.network, resolve=True), shape, label_dim,
+        _wrap("network", build_denoiser, network_of(cfg), shape, label_dim,
               float(cfg.train.sigma_data), str(cfg.train.precision))
 
 
@@ -105,7 +121,7 @@ def check_train(cfg: DictConfig) -> None:
     _require(t.precision in PRECISIONS, "train.precision", f"must be one of {sorted(PRECISIONS)}, got {t.precision!r}")
     _require(0.0 <= float(t.augment) <= 1.0, "train.augment", f"is a probability in [0, 1], got {t.augment}")
     if t.augment > 0:
-        _require(int(cfg.network.augment_dim) == 9, "network.augment_dim",
+        _require(int(network_of(cfg).get("augment_dim", 0) or 0) == 9, "network.augment_dim",
                  f"train.augment={t.augment} needs network.augment_dim=9 (EDM's augmentation labels)")
     for h in t.ema_halflives_kimg:
         _require(float(h) > 0, "train.ema_halflives_kimg", f"half-lives must be > 0, got {list(t.ema_halflives_kimg)}")
@@ -142,8 +158,8 @@ def check_features(cfg: DictConfig, shape, is_image: bool) -> str:
     _require(name in FEATURE_EXTRACTORS, "sims.features",
              f"unknown feature extractor {s.features!r}; choose auto or one of {', '.join(FEATURE_EXTRACTORS)}")
     if name == "digits":
-        _require(shape[0] == 1 and shape[-1] in (8, 16), "sims.features",
-                 f"digits features need 8x8 or 16x16 grayscale images, the data gives {list(shape)}")
+        _require(shape[0] in (1, 3) and shape[-1] in (8, 16), "sims.features",
+                 f"digits features need 8x8 or 16x16 gray (or gray-as-RGB) images, the data gives {list(shape)}")
     if name == "inception":
         _require(is_image, "sims.features", "inception features need images")
         _require(bool(s.inception_weights), "sims.inception_weights",
@@ -188,14 +204,17 @@ def check_sims(cfg: DictConfig, shape, label_dim: int) -> None:
         from sims.stages.control_config import check_control
 
         check_control(s.control, data_classes(cfg), data_shape=shape, num_synthetic=int(s.num_synthetic))
-    if s.base:
-        from sims.stages.base import base_weights_of, check_base_fits
-        from sims.training.export import read_metadata
 
-        weights = _wrap("sims.base", base_weights_of, Path(s.base))
-        meta = _wrap("sims.base", read_metadata, weights)
-        if cfg.data.name != "folder":  # a folder's label_dim is known only from its dataset.json
-            _wrap("sims.base", check_base_fits, meta, shape, label_dim, s.base)
+
+def check_base(cfg: DictConfig, shape, label_dim: int) -> None:
+    """An adopted base (``sims.base``): a completed run or weights file that fits this run's data."""
+    from sims.stages.base import base_weights_of, check_base_fits
+    from sims.training.export import read_metadata
+
+    weights = _wrap("sims.base", base_weights_of, Path(cfg.sims.base))
+    meta = _wrap("sims.base", read_metadata, weights)
+    if cfg.data.name != "folder":  # a folder's label_dim is known only from its dataset.json
+        _wrap("sims.base", check_base_fits, meta, shape, label_dim, cfg.sims.base)
 
 
 def check_loop(cfg: DictConfig, shape) -> None:
@@ -229,6 +248,8 @@ def validate(cfg: DictConfig) -> None:
         check_loop(cfg, None)
         return
     shape, label_dim = data_shape_of(cfg)
+    if cfg.sims.base and loop_model is None:
+        check_base(cfg, shape, label_dim)  # before the network check: that network is the base's
     check_network(cfg, shape, label_dim)
     check_train(cfg)
     check_sampler(cfg)

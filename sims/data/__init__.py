@@ -48,7 +48,8 @@ def load_real_dataset(cfg: "DataConfig") -> ArrayDataset:
     """Load the real data set a :class:`~sims.config.DataConfig` describes.
 
     ``cfg.name``:
-      - ``digits``: scikit-learn digits, ``[1797, 1, R, R]``, R = ``cfg.resolution`` in {8, 16}, 10 classes.
+      - ``digits``: scikit-learn digits, ``[1797, C, R, R]``, R = ``cfg.resolution`` in {8, 16}, 10 classes;
+        C = ``cfg.channels``: 1, or 3 (the gray value repeated to RGB).
       - ``toy2d``: ``make_toy(cfg.toy, cfg.num_samples, cfg.noise, cfg.seed)`` as ``[n, d]`` (no labels).
       - ``folder``: EDM zip/folder at ``cfg.path``; images must be ``cfg.resolution`` square.
       - ``cifar10``: python batches at ``cfg.path``; split ``cfg.split`` if the config has that
@@ -76,6 +77,8 @@ def load_real_dataset(cfg: "DataConfig") -> ArrayDataset:
         ds = ArrayDataset(make_toy(cfg.toy, cfg.num_samples, cfg.noise, cfg.seed), name=f"toy-{cfg.toy}")
     elif name == "digits":
         images, labels = load_digits_arrays(cfg.resolution)
+        if cfg.channels == 3:  # gray repeated to RGB: exercises RGB networks (e.g. an imported EDM one) on real data
+            images = images.repeat(1, 3, 1, 1)
         ds = ArrayDataset(images, labels, label_dim=10 if use_labels else 0, xflip=cfg.xflip, name="digits")
     else:
         if not cfg.path:

@@ -94,17 +94,20 @@ def _digits_input(x: torch.Tensor, clamp: bool) -> torch.Tensor:
     """Bring digits batches to float [N, 1, 8, 8] in [−1, 1].
 
     Accepts [N, 1, 8, 8], [N, 1, 16, 16] (average-pooled 2×2 → 8×8), flattened [N, 64] / [N, 256],
+    RGB [N, 3, 8 or 16, 8 or 16] (the channel mean: exact for digits repeated to RGB),
     float in [−1, 1] or uint8 in [0, 255] (converted with x/127.5 − 1).
     """
     if x.dtype == torch.uint8:
         x = from_uint8(x)
     x = x.float()
+    if x.ndim == 4 and x.shape[1] == 3:
+        x = x.mean(dim=1, keepdim=True)
     if x.ndim == 2 and x.shape[1] in (64, 256):
         side = int(round(x.shape[1] ** 0.5))
         x = x.reshape(x.shape[0], 1, side, side)
     if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) not in ((8, 8), (16, 16)):
         raise ValueError(
-            "digits features need grayscale digits [N, 1, 8, 8] or [N, 1, 16, 16] in [-1, 1] "
+            "digits features need digits [N, 1 or 3, 8, 8] or [N, 1 or 3, 16, 16] in [-1, 1] "
             f"(or flattened [N, 64] / [N, 256]); got shape {tuple(x.shape)}"
         )
     if x.shape[-1] == 16:
@@ -123,7 +126,7 @@ class DigitsClassifier(_EvalOnly):
     its held-out accuracy and settings).
 
     Inputs: digits [N, 1, 8, 8] in [−1, 1] (scikit-learn's x/16·2 − 1), or [N, 1, 16, 16]
-    (average-pooled to 8×8), or flattened [N, 64] / [N, 256], or uint8 [0, 255].
+    (average-pooled to 8×8), or flattened [N, 64] / [N, 256], or RGB (channel mean), or uint8 [0, 255].
 
     Args:
         clamp: clip inputs to [−1, 1] first, as writing samples to PNG would (default True).
