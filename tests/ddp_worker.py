@@ -107,6 +107,9 @@ def main() -> None:
     else:
         result = evaluate_one_batch(ctx, out)
         (out / f"eval_rank{ctx.rank}.json").write_text(json.dumps({**result, "world": ctx.world_size}))
+    from sims.dist import shutdown_distributed
+
+    shutdown_distributed()  # as the CLIs do: a gloo process left with its group can abort at exit (-6)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def main() -> None:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(result, out / "reference.pt")
-    ctx.barrier()
+    from sims.dist import shutdown_distributed
+
+    shutdown_distributed()  # barrier, then end the group: a gloo process left with it can abort at exit (-6)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def main(argv=None) -> int:
             _grid(args.out, seeds[:64], meta["data_shape"], args.grid)
         print(f"[sims] {len(seeds)} samples in {args.out} (omega={args.guidance}, {ctx.world_size} process(es); "
               f"this run wrote {n} on rank 0)", flush=True)
+    from sims.dist import shutdown_distributed
+
+    shutdown_distributed()
     return 0
 
 

@@ -46,14 +46,17 @@ def main(argv=None) -> int:
             from sims.loop import run_loop
 
             run_loop(cfg, cfg.run_dir, ctx=ctx)
-            return 0
-        from sims.stages.pipeline import run_training
-        from sims.stages.rundir import prepare_run_dir
+        else:
+            from sims.stages.pipeline import run_training
+            from sims.stages.rundir import prepare_run_dir
 
-        run_training(ctx, cfg, prepare_run_dir(ctx, cfg))
+            run_training(ctx, cfg, prepare_run_dir(ctx, cfg))
     finally:
         if lock is not None:
             lock.release()
+    from sims.dist import shutdown_distributed
+
+    shutdown_distributed()  # only after success: after an error the other ranks may never reach a barrier
     return 0
 
 
