@@ -183,6 +183,13 @@ def smoke(name: str, work: Path) -> dict:
     return row
 
 
+def write_result(out: Path, rows: list) -> None:
+    result = {"benchmark": "recipes_smoke", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+              "threads": 1, "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=list(TOY), default=list(TOY))
@@ -206,10 +213,7 @@ def main(argv=None) -> int:
             rows.sort(key=lambda r: list(TOY).index(Path(r["recipe"]).stem))
             print(f"[recipes_smoke] {name}: {row['total_wall_s']:.0f} s, best omega {row['best_omega']}, "
                   f"FD {row['base_fd_mean']:.4g} -> {row['sims_fd_mean']:.4g}", flush=True)
-    result = {"benchmark": "recipes_smoke", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-              "threads": 1, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+            write_result(Path(args.out), rows)  # after every recipe: an interrupted run keeps what it measured
     print("\n| recipe | res | params | base steps/s | import s | aux steps/s | cells | best ω | FD base → SIMS (mean of 3) | NFE | SIMS run s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
