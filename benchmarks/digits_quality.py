@@ -38,6 +38,9 @@ def main() -> int:
     p.add_argument("--config", default="configs/digits.yaml")
     p.add_argument("--run-dir", default="runs/digits")
     p.add_argument("--skip-train", action="store_true", help="judge an existing run")
+    p.add_argument("--train-log", default=None,
+                   help="with --skip-train: that run's sims-train output, for its stage times (and --train-command)")
+    p.add_argument("--train-command", default=None, help="with --train-log: the command that wrote it")
     p.add_argument("--out", default="benchmarks/results/digits_quality.json")
     p.add_argument("--name", default="digits", help="prefix of the SIMS report files in benchmarks/results")
     p.add_argument("overrides", nargs="*", help="key=value overrides for sims-train")
@@ -54,6 +57,11 @@ def main() -> int:
         if proc.returncode != 0:
             print(proc.stdout[-2000:], proc.stderr[-2000:])
             return 1
+    elif args.train_log:
+        log = Path(args.train_log).read_text(errors="replace").replace("\r", "\n")
+        record["train_command"] = args.train_command or "(not given)"
+        record["train_log"] = str(args.train_log)
+        record.update(stage_times(log))
     done = Path(args.run_dir) / "base" / "DONE"
     if done.exists():
         fields = dict(line.split("=", 1) for line in done.read_text().split() if "=" in line)
