@@ -184,6 +184,7 @@ def smoke(name: str, work: Path) -> dict:
 
 
 def write_result(out: Path, rows: list) -> None:
+    """Write the rows measured so far (and the machine) to ``out`` as JSON."""
     result = {"benchmark": "recipes_smoke", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "threads": 1, "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
