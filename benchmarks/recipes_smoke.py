@@ -184,11 +184,12 @@ def smoke(name: str, work: Path) -> dict:
 
 
 def write_result(out: Path, rows: list) -> None:
-    """Write the rows measured so far (and the machine) to ``out`` as JSON."""
-    result = {"benchmark": "recipes_smoke", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-              "threads": 1, "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    """Write the rows measured so far (and the machine) to ``out`` as JSON, atomically: the file is rewritten
+    after every recipe, and an interruption must not leave it half-written."""
+    from sims.utils import atomic_write_json
+
+    atomic_write_json(out, {"benchmark": "recipes_smoke", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+                            "threads": 1, "rows": rows})
 
 
 def main(argv=None) -> int:
