@@ -84,33 +84,19 @@ def data_classes(cfg: DictConfig) -> int:
     return 1 + max((int(lab) for _, lab in labels), default=-1)
 
 
-def network_of(cfg: DictConfig) -> dict:
-    """The network this run trains: the adopted base's (``sims.base``, from its metadata), else ``network``.
-
-    Raises:
-        ConfigError: ``sims.base`` is set but holds no readable completed base.
-    """
-    if cfg.sims.base and not cfg.loop.enabled:
-        from sims.stages.base import base_weights_of
-        from sims.training.export import read_metadata
-
-        weights = _wrap("sims.base", base_weights_of, Path(cfg.sims.base))
-        return dict(_wrap("sims.base", read_metadata, weights)["network"])
-    return OmegaConf.to_container(cfg.network, resolve=True)
-
-
-def check_network(cfg: DictConfig, shape, label_dim: int) -> None:
-    """Build the denoiser on the meta device (no memory): every geometry error surfaces here."""
+def check_network(cfg: DictConfig, network: dict, shape, label_dim: int) -> None:
+    """Build the denoiser of ``network`` (the run's: the config's, or an adopted base's) on the meta device
+    (no memory): every geometry error surfaces here."""
     import torch
 
     from sims.training.denoiser import build_denoiser
 
     with torch.device("meta"):
-        _wrap("network", build_denoiser, network_of(cfg), shape, label_dim,
+        _wrap("network", build_denoiser, network, shape, label_dim,
               float(cfg.train.sigma_data), str(cfg.train.precision))
 
 
-def check_train(cfg: DictConfig) -> None:
+def check_train(cfg: DictConfig, network: dict) -> None:
     from sims.dist import launch_shape, detect_launcher
     from sims.training.denoiser import PRECISIONS
     from sims.training.sampler import accumulation_steps
@@ -121,7 +107,7 @@ def check_train(cfg: DictConfig) -> None:
     _require(t.precision in PRECISIONS, "train.precision", f"must be one of {sorted(PRECISIONS)}, got {t.precision!r}")
     _require(0.0 <= float(t.augment) <= 1.0, "train.augment", f"is a probability in [0, 1], got {t.augment}")
     if t.augment > 0:
-        _require(int(network_of(cfg).get("augment_dim", 0) or 0) == 9, "network.augment_dim",
+        _require(int(network.get("augment_dim", 0) or 0) == 9, "network.augment_dim",
                  f"train.augment={t.augment} needs network.augment_dim=9 (EDM's augmentation labels)")
     for h in t.ema_halflives_kimg:
         _require(float(h) > 0, "train.ema_halflives_kimg", f"half-lives must be > 0, got {list(t.ema_halflives_kimg)}")
@@ -206,8 +192,12 @@ def check_sims(cfg: DictConfig, shape, label_dim: int) -> None:
         check_control(s.control, data_classes(cfg), data_shape=shape, num_synthetic=int(s.num_synthetic))
 
 
-def check_base(cfg: DictConfig, shape, label_dim: int) -> None:
-    """An adopted base (``sims.base``): a completed run or weights file that fits this run's data."""
+def check_base(cfg: DictConfig, shape, label_dim: int) -> dict:
+    """An adopted base (``sims.base``): a completed run or weights file that fits this run's data.
+
+    Returns:
+        The base weights' metadata (its ``network`` is the run's network).
+    """
     from sims.stages.base import base_weights_of, check_base_fits
     from sims.training.export import read_metadata
 
@@ -215,6 +205,7 @@ def check_base(cfg: DictConfig, shape, label_dim: int) -> None:
     meta = _wrap("sims.base", read_metadata, weights)
     if cfg.data.name != "folder":  # a folder's label_dim is known only from its dataset.json
         _wrap("sims.base", check_base_fits, meta, shape, label_dim, cfg.sims.base)
+    return meta
 
 
 def check_loop(cfg: DictConfig, shape) -> None:
@@ -248,10 +239,11 @@ def validate(cfg: DictConfig) -> None:
         check_loop(cfg, None)
         return
     shape, label_dim = data_shape_of(cfg)
-    if cfg.sims.base and loop_model is None:
-        check_base(cfg, shape, label_dim)  # before the network check: that network is the base's
-    check_network(cfg, shape, label_dim)
-    check_train(cfg)
+    network = OmegaConf.to_container(cfg.network, resolve=True)
+    if cfg.sims.base and loop_model is None:  # an adopted base: the run's network is the base's, not the config's
+        network = dict(check_base(cfg, shape, label_dim)["network"])
+    check_network(cfg, network, shape, label_dim)
+    check_train(cfg, network)
     check_sampler(cfg)
     if cfg.sims.enabled or cfg.train.eval_every_kimg > 0 or loop_model is not None:
         check_features(cfg, shape, len(shape) == 3)
