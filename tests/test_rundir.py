@@ -57,7 +57,10 @@ def test_sims_train_refuses_a_locked_run_dir_and_readers_do_not_lock(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_finishes_identically(tmp_path):
-    args = [*TOY_ARGS, "train.total_kimg=10.24", "train.ckpt_every_kimg=5.12"]  # 40 steps, checkpoints at 20, 40
+    # 400 steps, checkpoints every 100: the signal (sent once the first checkpoint exists) must land before the
+    # end. With 40 steps and a checkpoint at 20 a fast machine (~100 steps/s) finished in the 0.2 s between the
+    # checkpoint and the signal (CI, stop 20: step 40).
+    args = [*TOY_ARGS, "train.total_kimg=102.4", "train.ckpt_every_kimg=25.6"]
     ref = tmp_path / "ref"
     run_cli("sims.cli.train", *args, f"run_dir={ref}")
     run = tmp_path / "run"
@@ -73,7 +76,7 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_rerun_finishes_identically(
     assert proc.returncode == 75, err[-2000:]
     assert "stopped by a signal at step" in err and "re-run the same command" in err
     step = torch.load(run / "base/checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"]
-    assert 20 <= step < 40 and not (run / "base" / "DONE").exists()
+    assert 100 <= step < 400 and not (run / "base" / "DONE").exists()
     run_cli("sims.cli.train", *args, f"run_dir={run}")
     a, b = load_file(str(ref / "base/ema.safetensors")), load_file(str(run / "base/ema.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
