@@ -3,17 +3,17 @@ FID (``torch_fidelity.calculate_metrics(fid=True)``) between the same two folder
 
 No real Inception weights can be had here, so both sides load one weights file in torch-fidelity's
 format (a ``torch.save``d state dict of ``FeatureExtractorInceptionV3``) filled with seeded random
-values; what is compared is the whole path from PNG bytes to FID: reading (uint8 RGB, grayscale
+values (:func:`sims.metrics.features.random_inception_weights`); what is compared is the whole path from PNG bytes to FID: reading (uint8 RGB, grayscale
 repeated), the TF1-compatible resize inside the extractor, the pool3 features, the statistics and
 the Fréchet distance.
 
 Runs only where torch-fidelity (and a torchvision that matches torch) imports; elsewhere it is
-skipped. See the report of issue 13 for the venv that runs it.
+skipped. A venv that runs it here (x86-64, Python 3.11): ``pip install torch==2.14.1 torchvision==0.29.1``,
+then ``pip install torch-fidelity`` and ``pip install -e '.[test]'``.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,42 +24,11 @@ pytestmark = pytest.mark.inception
 
 torch_fidelity = pytest.importorskip("torch_fidelity")
 try:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    import torch_fidelity.feature_extractor_inceptionv3  # noqa: F401 - the import is what is checked
 except Exception as exc:  # noqa: BLE001 - e.g. a torchvision built for another torch (RuntimeError)
     pytest.skip(f"torch-fidelity cannot import here: {type(exc).__name__}: {exc}", allow_module_level=True)
 
 NUM_IMAGES = 12  # per folder; Inception at 299x299 costs ~1 s of CPU per image
-
-
-def random_inception_weights(path: Path, seed: int = 0) -> Path:
-    """Write a state dict of torch-fidelity's Inception-v3 with seeded random values to ``path``.
-
-    Keys, shapes and dtypes are the network's own. Conv weights ~ N(0, 2/fan_in) (He), so the
-    activations keep their scale through the ~100 layers and the pool3 features are neither 0 nor
-    huge; BatchNorm: γ ~ U(0.8, 1.2), β ~ N(0, 0.1²), running mean ~ N(0, 0.1²), running var
-    ~ U(0.8, 1.2); the final dense layer (not used for FID) N(0, 0.01²).
-    """
-    with pytest.MonkeyPatch.context() as mp:  # build the module without loading anything
-        mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        mp.setattr(torch, "load", lambda *a, **k: {})
-        shapes = {k: (v.shape, v.dtype) for k, v in
-                  FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="-")
-                  .state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, (shape, dtype) in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=dtype)
-        elif len(shape) == 4:
-            state[key] = torch.randn(shape, generator=g) * math.sqrt(2.0 / (shape[1] * shape[2] * shape[3]))
-        elif key.endswith(("running_var", "bn.weight")):
-            state[key] = 0.8 + 0.4 * torch.rand(shape, generator=g)
-        elif key.endswith(("running_mean", "bn.bias")):
-            state[key] = 0.1 * torch.randn(shape, generator=g)
-        else:  # fc.weight, fc.bias
-            state[key] = 0.01 * torch.randn(shape, generator=g)
-    torch.save(state, path)
-    return path
 
 
 def write_folders(root: Path):
@@ -86,6 +55,8 @@ def write_folders(root: Path):
 @pytest.fixture(scope="module")
 def parity_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("inception")
+    from sims.metrics.features import random_inception_weights
+
     weights = random_inception_weights(root / "weights-inception-random.pth")
     a, b = write_folders(root)
     return root, weights, a, b

@@ -3,8 +3,8 @@
 ``sampling``: EDM sampling (Heun, 18 steps, EDM Algorithm 2) of EDM's CIFAR-10 DDPM++ at batch 512
 through :func:`sims.generation.generate`, unguided vs SIMS-guided (:class:`sims.diffusion.SIMSGuidance`,
 Alemohammad et al. 2024) with and without the σ ∈ (0.28, 2.9] interval (Kynkäänniemi et al. 2024).
-``fd``: Fréchet distance on 10k samples: Inception-v3 features (torch-fidelity's
-``FeatureExtractorInceptionV3`` at random weights — weights do not change the time), accumulated
+``fd``: Fréchet distance on 10k samples: Inception-v3 features (:class:`sims.metrics.features.InceptionFeatures`,
+torch-fidelity's network, at random weights — weights do not change the time), accumulated
 with :func:`sims.metrics.features.compute_stats`, then :func:`sims.metrics.frechet_distance`.
 ``loader``: img/s of the training data path (:class:`sims.data.zip_dataset.ImageZipDataset` on a
 generated EDM zip → :class:`sims.training.sampler.TrainingStream` → DataLoader with workers).
@@ -111,34 +111,15 @@ class _StandIn(torch.nn.Module):
 def _inception(sec: Section, mode: Mode):
     """(extractor taking [N, 3, H, W] images in [-1, 1], its name): torch-fidelity's Inception-v3 at
     random weights; else torchvision's inception_v3 (random weights); else the stand-in."""
-    from sims.data.images import to_uint8
-
     if not mode.dry:
         try:
-            import torch_fidelity.feature_extractor_inceptionv3 as fe
+            from sims.metrics.features import InceptionFeatures, random_inception_weights
 
-            class RandomInception(fe.FeatureExtractorInceptionV3):
-                def load_state_dict(self, state_dict, strict=True, assign=False):  # random weights, kept
-                    return None
-
-            with tempfile.TemporaryDirectory() as d:
-                empty = Path(d) / "empty.pth"
-                torch.save({}, empty)
-                net = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-
-            class Wrap(torch.nn.Module):
-                feature_dim = 2048
-
-                def __init__(self):
-                    super().__init__()
-                    self.net = net
-
-                def forward(self, x):
-                    return self.net(to_uint8(x))[0]
-
-            return Wrap(), "torch-fidelity FeatureExtractorInceptionV3 (random weights)"
+            with tempfile.TemporaryDirectory() as d:  # random weights: they do not change the time
+                extractor = InceptionFeatures(random_inception_weights(Path(d) / "random-inception.pth"))
+            return extractor, "sims InceptionFeatures (torch-fidelity Inception-v3, random weights)"
         except Exception as exc:  # noqa: BLE001
-            sec.note(f"torch-fidelity's Inception-v3 is not importable ({type(exc).__name__}: {exc})")
+            sec.note(f"InceptionFeatures (torch-fidelity) could not be built ({type(exc).__name__}: {exc})")
         try:
             import torchvision
 
