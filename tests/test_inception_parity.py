@@ -3,7 +3,7 @@ FID (``torch_fidelity.calculate_metrics(fid=True)``) between the same two folder
 
 No real Inception weights can be had here, so both sides load one weights file in torch-fidelity's
 format (a ``torch.save``d state dict of ``FeatureExtractorInceptionV3``) filled with seeded random
-values (:func:`sims.metrics.features.random_inception_weights`); what is compared is the whole path from PNG bytes to FID: reading (uint8 RGB, grayscale
+values (:func:`sims.metrics.inception_weights.random_inception_weights`); what is compared is the whole path from PNG bytes to FID: reading (uint8 RGB, grayscale
 repeated), the TF1-compatible resize inside the extractor, the pool3 features, the statistics and
 the Fréchet distance.
 
@@ -55,7 +55,7 @@ def write_folders(root: Path):
 @pytest.fixture(scope="module")
 def parity_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("inception")
-    from sims.metrics.features import random_inception_weights
+    from sims.metrics.inception_weights import random_inception_weights
 
     weights = random_inception_weights(root / "weights-inception-random.pth")
     a, b = write_folders(root)

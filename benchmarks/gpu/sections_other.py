@@ -113,7 +113,8 @@ def _inception(sec: Section, mode: Mode):
     random weights; else torchvision's inception_v3 (random weights); else the stand-in."""
     if not mode.dry:
         try:
-            from sims.metrics.features import InceptionFeatures, random_inception_weights
+            from sims.metrics.features import InceptionFeatures
+            from sims.metrics.inception_weights import random_inception_weights
 
             with tempfile.TemporaryDirectory() as d:  # random weights: they do not change the time
                 extractor = InceptionFeatures(random_inception_weights(Path(d) / "random-inception.pth"))
