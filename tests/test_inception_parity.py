@@ -3,9 +3,9 @@ FID (``torch_fidelity.calculate_metrics(fid=True)``) between the same two folder
 
 No real Inception weights can be had here, so both sides load one weights file in torch-fidelity's
 format (a ``torch.save``d state dict of ``FeatureExtractorInceptionV3``) filled with seeded random
-values (:func:`sims.metrics.inception_weights.random_inception_weights`); what is compared is the whole path from PNG bytes to FID: reading (uint8 RGB, grayscale
-repeated), the TF1-compatible resize inside the extractor, the pool3 features, the statistics and
-the Fréchet distance.
+values (:func:`sims.metrics.inception_weights.random_inception_weights`); what is compared is the
+whole path from PNG bytes to FID: reading (uint8 RGB, grayscale repeated), the TF1-compatible
+resize inside the extractor, the pool3 features, the statistics and the Fréchet distance.
 
 Runs only where torch-fidelity (and a torchvision that matches torch) imports; elsewhere it is
 skipped. A venv that runs it here (x86-64, Python 3.11): ``pip install torch==2.14.1 torchvision==0.29.1``,
@@ -27,6 +27,8 @@ try:
     import torch_fidelity.feature_extractor_inceptionv3  # noqa: F401 - the import is what is checked
 except Exception as exc:  # noqa: BLE001 - e.g. a torchvision built for another torch (RuntimeError)
     pytest.skip(f"torch-fidelity cannot import here: {type(exc).__name__}: {exc}", allow_module_level=True)
+
+from sims.metrics.inception_weights import random_inception_weights  # noqa: E402 - after the skip
 
 NUM_IMAGES = 12  # per folder; Inception at 299x299 costs ~1 s of CPU per image
 
@@ -55,8 +57,6 @@ def write_folders(root: Path):
 @pytest.fixture(scope="module")
 def parity_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("inception")
-    from sims.metrics.inception_weights import random_inception_weights
-
     weights = random_inception_weights(root / "weights-inception-random.pth")
     a, b = write_folders(root)
     return root, weights, a, b

@@ -109,8 +109,8 @@ class _StandIn(torch.nn.Module):
 
 
 def _inception(sec: Section, mode: Mode):
-    """(extractor taking [N, 3, H, W] images in [-1, 1], its name): torch-fidelity's Inception-v3 at
-    random weights; else torchvision's inception_v3 (random weights); else the stand-in."""
+    """(extractor taking [N, 3, H, W] images in [-1, 1], its name): sims' InceptionFeatures (torch-fidelity's
+    Inception-v3) at random weights; else torchvision's inception_v3 (random weights); else the stand-in."""
     if not mode.dry:
         try:
             from sims.metrics.features import InceptionFeatures
