@@ -68,19 +68,19 @@ def proc_mem(pid: int) -> dict:
 
 def make_zip(path: Path, n: int, side: int = 32) -> float:
     """A stored zip of n side x side RGB noise PNGs in EDM's layout (streamed); returns seconds."""
-    from sims.data.convert import StoredZipWriter, encode_png
     from sims.data.image_folder import image_name
+    from sims.data.image_transforms import encode_png
+    from sims.data.zip_writer import write_dataset
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
-    tmp = path.with_suffix(".partial")
-    with open(tmp, "wb") as f:
-        zw = StoredZipWriter(f)
+
+    def emit(put) -> None:
         for i in range(n):
-            zw.writestr(image_name(i), encode_png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
-        zw.writestr("dataset.json", json.dumps({"labels": None}).encode())
-        zw.close()
-    os.replace(tmp, path)
+            put(image_name(i), encode_png(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)))
+        put("dataset.json", json.dumps({"labels": None}).encode())
+
+    write_dataset(path, emit)
     return time.perf_counter() - t0
 
 

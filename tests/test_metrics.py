@@ -366,3 +366,14 @@ def test_all_reduce_two_gloo_processes_equals_single_process(tmp_path):
             np.testing.assert_allclose(f["kept"], x[:500].numpy(), rtol=1e-6)
             assert int(f["lonely_count"]) == 701
             np.testing.assert_allclose(f["lonely_mu"], mu, rtol=1e-12, atol=1e-14)
+
+
+def test_the_package_exports_every_public_name_of_its_submodules():
+    import sims.metrics as metrics
+    from sims.metrics import features, frechet, stats
+
+    expected = [*stats.__all__, *frechet.__all__, *features.__all__]
+    assert metrics.__all__ == expected and len(set(expected)) == len(expected)
+    for name in expected:  # each listed name is bound in the package to its submodule's object
+        module = next(m for m in (stats, frechet, features) if name in m.__all__)
+        assert getattr(metrics, name) is getattr(module, name), name

@@ -191,17 +191,19 @@ LOADER_COLUMNS = ["workers", "batch", "num_images", "img_per_s", "first_batch_s"
 
 def write_zip(path: Path, n: int, res: int = 32) -> None:
     """An EDM-format zip of ``n`` random RGB PNGs (``{i//1000:05d}/img{i:08d}.png`` + ``dataset.json``,
-    labels null), written with :mod:`sims.data.convert`'s writer."""
-    from sims.data.convert import StoredZipWriter, encode_png
+    labels null), written with :func:`sims.data.zip_writer.write_dataset`."""
     from sims.data.image_folder import image_name
+    from sims.data.image_transforms import encode_png
+    from sims.data.zip_writer import write_dataset
 
     rng = np.random.default_rng(0)
-    with open(path, "wb") as f:
-        zw = StoredZipWriter(f)
+
+    def emit(put) -> None:
         for i in range(n):
-            zw.writestr(image_name(i), encode_png(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)))
-        zw.writestr("dataset.json", b'{"labels": null}')
-        zw.close()
+            put(image_name(i), encode_png(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)))
+        put("dataset.json", b'{"labels": null}')
+
+    write_dataset(path, emit)
 
 
 def section_loader(sec: Section, mode: Mode, args) -> str:

@@ -47,7 +47,7 @@ exits non-zero unless ``--skip-unreadable``).
 
 Memory is constant in the number of images: the source tree is walked in sorted order without
 listing it (:func:`walk_sorted`), one image is decoded at a time and written at once, and the zip
-directory is kept in compact arrays (:class:`StoredZipWriter`, ~45 bytes per entry; ``zipfile``
+directory is kept in compact arrays (:class:`sims.data.zip_writer.StoredZipWriter`, ~45 bytes per entry; ``zipfile``
 would keep ~450; measured growth of the peak RSS from 10 k to 100 k images: +10 MB,
 benchmarks/data_memory.py). The output appears atomically: it is written under a temporary name
 next to ``out`` and renamed when complete, so an interrupted run leaves no ``out`` (an old ``out``
@@ -62,8 +62,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +69,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from sims.data.image_folder import LABELS_FILE, _is_dataset_folder, image_name
 from sims.data.image_transforms import TRANSFORMS, UnreadableImage, encode_png, load_rgb, transform_image
-from sims.data.zip_writer import StoredZipWriter
+from sims.data.zip_writer import write_dataset
 from sims.errors import DatasetError, InputError, OutputExistsError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -242,7 +240,7 @@ def convert_folder(
 
     Two streaming passes over the source tree (:func:`scan_source` counts the files and finds the
     classes, then the conversion); memory does not grow with the number of images beyond 8 bytes
-    per label and the zip directory's ~45 bytes per entry (:class:`StoredZipWriter`).
+    per label and the zip directory's ~45 bytes per entry (:class:`sims.data.zip_writer.StoredZipWriter`).
 
     Args:
         source: folder of images (any depth, any sizes; see the module docstring).
@@ -325,39 +323,11 @@ def convert_folder(
             raise DatasetError(f"none of the {num_files} image files in {source} could be read "
                                f"(first: {result.skipped[0][0]}: {result.skipped[0][1]})")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".zip":
-        from sims.utils import atomic_write
-
-        def write_zip(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                zw = StoredZipWriter(f)
-                convert_all(zw.writestr)
-                zw.write_streamed(LABELS_FILE, _metadata_chunks(label_out, class_names))
-                zw.close()
-
-        if out.is_dir():
-            shutil.rmtree(out)
-        atomic_write(out, write_zip)
-        return result
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        def put(name: str, data: bytes) -> None:
-            p = tmp / name
-            p.parent.mkdir(exist_ok=True)
-            p.write_bytes(data)
-
+    def emit(put) -> None:
         convert_all(put)
-        with open(tmp / LABELS_FILE, "wb") as meta:
-            for chunk in _metadata_chunks(label_out, class_names):
-                meta.write(chunk)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        put(LABELS_FILE, _metadata_chunks(label_out, class_names))
+
+    write_dataset(out, emit)
     return result
 
 

@@ -7,7 +7,7 @@ tensor beats per-item file I/O on a 2-core machine and keeps item ``i`` a pure f
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,7 +18,78 @@ from sims.errors import DatasetError  # noqa: F401  (re-exported: sims.data.data
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-class ArrayDataset(Dataset):
+class StoredItems:
+    """The Dataset protocol and shape information shared by the data sets (in memory, zip).
+
+    A subclass stores N items and provides ``num_items`` (N), ``item_shape`` (``(C, H, W)`` or
+    ``(d,)``), ``_stored_item(i)`` (float32 item i < N), ``labels`` (integer [N] or None),
+    ``label_dim`` and ``xflip``. With ``xflip``, item ``i + N`` is item ``i`` mirrored left-right
+    (EDM's dataset doubling: Karras et al. 2022, appendix F.2).
+    ``self[i]`` returns ``(x, label)``: x float32 ``item_shape``, label float32 one-hot
+    ``[label_dim]`` (or ``[0]``). Raises IndexError outside ``[-len, len)``.
+    """
+
+    num_items: int
+    item_shape: tuple
+    labels: Optional[torch.Tensor]
+    label_dim: int
+    xflip: bool
+
+    def _stored_item(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        n = self.num_items
+        return 2 * n if self.xflip else n
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = self.num_items
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        flip = index >= n
+        i = index - n if flip else index
+        x = self._stored_item(i)
+        if flip:
+            x = x.flip(-1)
+        if self.label_dim > 0:
+            label = torch.zeros(self.label_dim, dtype=torch.float32)
+            label[int(self.labels[i])] = 1.0  # type: ignore[index]
+        else:
+            label = torch.zeros(0, dtype=torch.float32)
+        return x, label
+
+    @property
+    def is_image(self) -> bool:
+        """True for ``[C, H, W]`` image items, False for ``[d]`` points."""
+        return len(self.item_shape) == 3
+
+    @property
+    def resolution(self) -> Optional[int]:
+        """Image side H (= W for square images) in pixels; None for low-dimensional data."""
+        return int(self.item_shape[-1]) if self.is_image else None
+
+    @property
+    def channels(self) -> Optional[int]:
+        """Image channels C (1 grayscale, 3 RGB); None for low-dimensional data."""
+        return int(self.item_shape[0]) if self.is_image else None
+
+    @property
+    def dim(self) -> int:
+        """Number of values per item: C*H*W for images, d for points."""
+        return int(np.prod(self.item_shape))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the stored labels span (``labels.max() + 1``); 0 without labels."""
+        if self.labels is None or not self.labels.numel():
+            return max(self.label_dim, 0)
+        return max(self.label_dim, int(self.labels.max()) + 1)
+
+
+class ArrayDataset(StoredItems, Dataset):
     """A data set held in memory as one tensor, with optional integer class labels.
 
     Args:
@@ -83,28 +154,13 @@ class ArrayDataset(Dataset):
         self.name: str = name
 
     # ------------------------------------------------------------------ Dataset protocol
-    def __len__(self) -> int:
-        n = int(self.data.shape[0])
-        return 2 * n if self.xflip else n
+    @property
+    def num_items(self) -> int:
+        """Stored items N (``len(self)`` is 2N with ``xflip``)."""
+        return int(self.data.shape[0])
 
-    def __getitem__(self, index: int):
-        n = int(self.data.shape[0])
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        flip = index >= n
-        i = index - n if flip else index
-        x = self.data[i]
-        if flip:
-            x = x.flip(-1)
-        if self.label_dim > 0:
-            label = torch.zeros(self.label_dim, dtype=torch.float32)
-            label[int(self.labels[i])] = 1.0  # type: ignore[index]
-        else:
-            label = torch.zeros(0, dtype=torch.float32)
-        return x, label
+    def _stored_item(self, i: int) -> torch.Tensor:
+        return self.data[i]
 
     def get_batch(self, indices) -> tuple:
         """Items at ``indices`` at once: (x [B, ...] float32, labels [B, label_dim] one-hot or [B, 0]);
@@ -126,36 +182,9 @@ class ArrayDataset(Dataset):
 
     # ------------------------------------------------------------------ shape information
     @property
-    def is_image(self) -> bool:
-        """True for ``[N, C, H, W]`` images, False for ``[N, d]`` points."""
-        return self.data.ndim == 4
-
-    @property
-    def resolution(self) -> Optional[int]:
-        """Image side H (= W for square images) in pixels; None for low-dimensional data."""
-        return int(self.data.shape[-1]) if self.is_image else None
-
-    @property
-    def channels(self) -> Optional[int]:
-        """Image channels C (1 grayscale, 3 RGB); None for low-dimensional data."""
-        return int(self.data.shape[1]) if self.is_image else None
-
-    @property
-    def dim(self) -> int:
-        """Number of values per item: C*H*W for images, d for points."""
-        return int(np.prod(self.data.shape[1:]))
-
-    @property
     def item_shape(self) -> tuple:
         """Shape of one item: ``(C, H, W)`` or ``(d,)``."""
         return tuple(self.data.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes the stored labels span (``labels.max() + 1``); 0 without labels."""
-        if self.labels is None or not self.labels.numel():
-            return max(self.label_dim, 0)
-        return max(self.label_dim, int(self.labels.max()) + 1)
 
     # ------------------------------------------------------------------ derived data sets
     def subset(self, indices: Union[Sequence[int], torch.Tensor, np.ndarray, slice]) -> "ArrayDataset":

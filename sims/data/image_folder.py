@@ -15,8 +15,6 @@ import io
 import json
 import os
 import posixpath
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -26,6 +24,7 @@ import torch
 
 from sims.data.datasets import ArrayDataset, ArrayLike, DatasetError
 from sims.data.images import from_uint8
+from sims.data.zip_writer import write_dataset
 
 LABELS_FILE = "dataset.json"
 _MODE_CHANNELS = {"L": 1, "RGB": 3}
@@ -297,33 +296,11 @@ def write_image_folder(
             raise FileExistsError(f"output exists: {path} (choose another path or pass overwrite)")
         if path.is_dir() and not _is_dataset_folder(path):
             raise FileExistsError(f"refusing to overwrite {path}: it holds files other than PNGs and {LABELS_FILE}")
-    path.parent.mkdir(parents=True, exist_ok=True)
 
-    if path.suffix.lower() == ".zip":
-        from sims.utils import atomic_write
-
-        def write_zip(tmp: Path) -> None:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-                for i in range(n):
-                    zf.writestr(image_name(i), _encode_png(arr[i]))
-                zf.writestr(LABELS_FILE, meta)
-
-        if path.is_dir():
-            shutil.rmtree(path)
-        atomic_write(path, write_zip)
-        return path
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    def emit(put) -> None:
         for i in range(n):
-            out = tmp / image_name(i)
-            out.parent.mkdir(exist_ok=True)
-            out.write_bytes(_encode_png(arr[i]))
-        (tmp / LABELS_FILE).write_bytes(meta)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            put(image_name(i), _encode_png(arr[i]))
+        put(LABELS_FILE, meta)
+
+    write_dataset(path, emit)
     return path

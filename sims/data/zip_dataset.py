@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sims.data.datasets import ArrayDataset
+from sims.data.datasets import ArrayDataset, StoredItems
 from sims.data.image_folder import _decode_png, load_image_folder
 from sims.data.images import from_hwc_uint8
 from sims.data.zip_index import _build_index, _trim_heap
@@ -81,7 +81,7 @@ def _item_desc(c: int) -> str:
     return "grayscale" if c == 1 else "RGB"
 
 
-class ImageZipDataset(Dataset):
+class ImageZipDataset(StoredItems, Dataset):
     """An EDM-format zip or folder read image by image (map-style, safe with DataLoader workers).
 
     Args:
@@ -237,28 +237,8 @@ class ImageZipDataset(Dataset):
         return arr
 
     # ------------------------------------------------------------------ Dataset protocol
-    def __len__(self) -> int:
-        n = self.num_items
-        return 2 * n if self.xflip else n
-
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        n = self.num_items
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        flip = index >= n
-        i = index - n if flip else index
-        x = from_hwc_uint8(self.read_pixels(i)[None])[0]  # float32 [C, H, W]
-        if flip:
-            x = x.flip(-1)
-        if self.label_dim > 0:
-            label = torch.zeros(self.label_dim, dtype=torch.float32)
-            label[int(self.labels[i])] = 1.0  # type: ignore[index]
-        else:
-            label = torch.zeros(0, dtype=torch.float32)
-        return x, label
+    def _stored_item(self, i: int) -> torch.Tensor:
+        return from_hwc_uint8(self.read_pixels(i)[None])[0]  # float32 [C, H, W]
 
     def get_batch(self, indices: Union[Sequence[int], np.ndarray, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Items at ``indices`` (flip-aware, like ``__getitem__``) as ``(x [B, C, H, W], labels [B, label_dim])``."""
@@ -275,36 +255,9 @@ class ImageZipDataset(Dataset):
         return int(self._order.shape[0])
 
     @property
-    def is_image(self) -> bool:
-        """Always True (``[C, H, W]`` images)."""
-        return True
-
-    @property
-    def resolution(self) -> int:
-        """Image side H (= W) in pixels."""
-        return self._shape[2]
-
-    @property
-    def channels(self) -> int:
-        """Image channels C (1 grayscale, 3 RGB)."""
-        return self._shape[0]
-
-    @property
-    def dim(self) -> int:
-        """Values per item: C*H*W."""
-        return int(np.prod(self._shape))
-
-    @property
     def item_shape(self) -> tuple:
         """Shape of one item: ``(C, H, W)``."""
         return tuple(self._shape)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes the stored labels span (``labels.max() + 1``); 0 without labels."""
-        if self.labels is None or not self.labels.numel():
-            return max(self.label_dim, 0)
-        return max(self.label_dim, int(self.labels.max()) + 1)
 
     # ------------------------------------------------------------------ derived data sets
     def subset(self, indices: Union[Sequence[int], torch.Tensor, np.ndarray, slice]) -> "ImageZipDataset":

@@ -1,14 +1,19 @@
 """A streaming writer of uncompressed (``ZIP_STORED``) zips with a compact directory (PKWARE APPNOTE 6.3).
 
 :class:`StoredZipWriter` is how :func:`sims.data.convert.convert_folder` writes EDM-format zips of
-any size (zip64 records from 65,535 entries or 4 GiB on) keeping ~45 bytes per entry.
+any size (zip64 records from 65,535 entries or 4 GiB on) keeping ~45 bytes per entry;
+:func:`write_dataset` writes a data set (zip or folder) atomically through it.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import tempfile
 import zlib
 from array import array
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Union
 
 _ZIP64_COUNT_LIMIT = 0xFFFF  # module constants so a test can force the zip64 records on a small zip
 _ZIP64_OFFSET_LIMIT = 0xFFFFFFFF
@@ -109,3 +114,52 @@ class StoredZipWriter:
             n16, cd_size32, cd_start32 = n, cd_size, cd_start
         self.f.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n16, n16, cd_size32, cd_start32, 0))
         self.f.flush()
+
+
+Member = Union[bytes, Iterable[bytes]]
+
+
+def write_dataset(out: Path, emit: Callable[[Callable[[str, Member], None]], None]) -> None:
+    """Write a data set atomically as a ``*.zip`` (uncompressed, :class:`StoredZipWriter`) or a folder.
+
+    ``emit(put)`` calls ``put(name, data)`` once per member (``name`` a relative POSIX path such as
+    ``00000/img00000000.png``; ``data`` bytes or an iterable of byte chunks). Everything is written
+    under a temporary name beside ``out`` and renamed onto it at the end, replacing what was there:
+    an error or a kill leaves the old output (or none) and no half-written one.
+
+    Raises:
+        whatever ``emit`` raises (the temporary output is removed).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".zip":
+        from sims.utils import atomic_write
+
+        def write_zip(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                zw = StoredZipWriter(f)
+                emit(lambda name, data: zw.writestr(name, data) if isinstance(data, bytes)
+                     else zw.write_streamed(name, iter(data)))
+                zw.close()
+
+        if out.is_dir():
+            shutil.rmtree(out)
+        atomic_write(out, write_zip)
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        def put(name: str, data: Member) -> None:
+            path = tmp / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                for chunk in ([data] if isinstance(data, bytes) else data):
+                    f.write(chunk)
+
+        emit(put)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -24,7 +24,7 @@ import torch
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
-__all__ = ["frechet_distance", "kernel_inception_distance", "precision_recall"]
+__all__ = ["frechet_distance", "kernel_inception_distance", "precision_recall", "KNNManifold"]
 
 
 def _np64(x: ArrayLike) -> np.ndarray:

@@ -20,14 +20,12 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from sims.networks.inputs import (check_augment_labels, check_image_input, check_noise_labels,
-                                  check_unet_geometry, conditional_onehot)
-from sims.networks.layers import Conv2d, Init, PositionalEmbedding, UNetBlock, group_norm, linear
+from sims.networks.layers import Conv2d, Init, PositionalEmbedding, group_norm, linear
+from sims.networks.unet import EDMUNetBase, build_decoder, build_encoder
 
 
-class ADM(nn.Module):
+class ADM(EDMUNetBase):
     """EDM's DhariwalUNet (EDM_FORMAT §2.5, §3).
 
     Embedding (float32, autocast disabled, as EDM's embedding path):
@@ -74,16 +72,9 @@ class ADM(nn.Module):
                  attn_resolutions: Sequence[int] = (32, 16, 8), dropout: float = 0.10,
                  label_dropout: float = 0.0, channels_per_head: int = 64):
         super().__init__()
-        channel_mult = [int(m) for m in channel_mult]
-        attn_resolutions = [int(r) for r in attn_resolutions]
-        level_res = check_unet_geometry("ADM", int(img_resolution), channel_mult, int(num_blocks), attn_resolutions)
-        self.factor = 2 ** (len(channel_mult) - 1)
-        self.img_resolution = int(img_resolution)
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels or in_channels)
-        self.label_dim = int(label_dim)
-        self.augment_dim = int(augment_dim)
-        self.label_dropout = float(label_dropout)
+        channel_mult, attn_resolutions, level_res = self._setup(
+            "ADM", img_resolution, in_channels, out_channels, label_dim, augment_dim, label_dropout,
+            channel_mult, num_blocks, attn_resolutions)
         emb_channels = model_channels * channel_mult_emb
         init = Init("kaiming_uniform", weight=math.sqrt(1 / 3), bias=math.sqrt(1 / 3))
         init_zero = Init("kaiming_uniform", weight=0.0, bias=0.0)
@@ -98,69 +89,31 @@ class ADM(nn.Module):
         self.map_label = (linear(label_dim, emb_channels, Init("kaiming_normal", weight=math.sqrt(label_dim)),
                                  bias=False) if label_dim else None)
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = self.in_channels
-        for level, mult in enumerate(channel_mult):
-            res = level_res[level]
-            if level == 0:
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **kw)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **kw)
-        skips = [block.out_channels for block in self.enc.values()]
-
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level in reversed(range(len(channel_mult))):
-            res = level_res[level]
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **kw)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **kw)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **kw)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * channel_mult[level]
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **kw)
-        assert not skips
+        # Encoder and decoder (every decoder block at an attention resolution attends).
+        self.enc, cout, skips = build_encoder(self.in_channels, model_channels, channel_mult, level_res, num_blocks,
+                                              attn_resolutions, model_channels * channel_mult[0], init, kw)
+        self.dec, cout = build_decoder(cout, skips, model_channels, channel_mult, level_res, num_blocks,
+                                       lambda idx, res: res in attn_resolutions, kw)
         self.out_norm = group_norm(cout, eps=1e-5)
         self.out_conv = Conv2d(cout, self.out_channels, 3, init_zero)
 
     def embed(self, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
               augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Embedding [N, E] from c_noise [N] and the labels (class docstring); float32, autocast off."""
-        n, device = noise_labels.shape[0], noise_labels.device
-        onehot = conditional_onehot(class_labels, self.label_dim, n, device)
-        augment = check_augment_labels(augment_labels, self.augment_dim, n, device)
-        dtype = self.map_layer0.weight.dtype  # float32 (autocast is off: EDM's embedding runs in float32)
-        onehot = onehot.to(dtype) if onehot is not None else None
-        augment = augment.to(dtype) if augment is not None else None
+        device, dtype, onehot, augment = self._embedding_inputs(noise_labels, class_labels, augment_labels)
         with torch.autocast(device_type=device.type, enabled=False):
             emb = self.map_noise(noise_labels).to(dtype)
             if self.map_augment is not None and augment is not None:
                 emb = emb + self.map_augment(augment)
             emb = self.map_layer1(F.silu(self.map_layer0(emb)))
             if self.map_label is not None:
-                if self.training and self.label_dropout:
-                    keep = torch.rand(n, 1, device=device) >= self.label_dropout
-                    onehot = onehot * keep.to(onehot.dtype)
-                emb = emb + self.map_label(onehot)
+                emb = emb + self.map_label(self._drop_labels(onehot))
             return F.silu(emb)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: Optional[torch.Tensor] = None,
                 augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        check_image_input("ADM", x, self.in_channels, self.factor)
-        noise_labels = check_noise_labels(noise_labels, x.shape[0], x.device)
-        emb = self.embed(noise_labels, class_labels, augment_labels)
-
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
+        x, emb, skips = self._encode(x, noise_labels, class_labels, augment_labels)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)

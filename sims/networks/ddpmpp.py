@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sims.networks.inputs import (check_augment_labels, check_image_input, check_noise_labels,
-                                  check_unet_geometry, conditional_onehot)
-from sims.networks.layers import Conv2d, Init, PositionalEmbedding, UNetBlock, group_norm, linear
+from sims.networks.layers import Conv2d, Init, PositionalEmbedding, group_norm, linear
+from sims.networks.unet import EDMUNetBase, build_decoder, build_encoder
 
 
-class DDPMpp(nn.Module):
+class DDPMpp(EDMUNetBase):
     """EDM's SongUNet in the DDPM++ configuration (EDM_FORMAT §2.3, §3).
 
     Embedding (float32, autocast disabled, as EDM's embedding path):
@@ -82,16 +81,9 @@ class DDPMpp(nn.Module):
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.13, label_dropout: float = 0.0,
                  adaptive_scale: bool = False):
         super().__init__()
-        channel_mult = [int(m) for m in channel_mult]
-        attn_resolutions = [int(r) for r in attn_resolutions]
-        level_res = check_unet_geometry("DDPMpp", int(img_resolution), channel_mult, int(num_blocks), attn_resolutions)
-        self.factor = 2 ** (len(channel_mult) - 1)
-        self.img_resolution = int(img_resolution)
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels or in_channels)
-        self.label_dim = int(label_dim)
-        self.augment_dim = int(augment_dim)
-        self.label_dropout = float(label_dropout)
+        channel_mult, attn_resolutions, level_res = self._setup(
+            "DDPMpp", img_resolution, in_channels, out_channels, label_dim, augment_dim, label_dropout,
+            channel_mult, num_blocks, attn_resolutions)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels  # channel_mult_noise = 1
         init = Init("xavier_uniform")
@@ -108,55 +100,25 @@ class DDPMpp(nn.Module):
         self.map_layer0 = linear(noise_channels, emb_channels, init)
         self.map_layer1 = linear(emb_channels, emb_channels, init)
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = self.in_channels
-        for level, mult in enumerate(channel_mult):
-            res = level_res[level]
+        # Encoder and decoder (a decoder level attends in its last block only; level 0 adds the aux head).
+        def aux_head(dec: nn.ModuleDict, level: int, res: int, width: int) -> None:
             if level == 0:
-                cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3, init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **kw)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **kw)
-        skips = [block.out_channels for block in self.enc.values()]
+                dec[f"{res}x{res}_aux_norm"] = group_norm(width, eps=1e-6)
+                dec[f"{res}x{res}_aux_conv"] = Conv2d(width, self.out_channels, 3, init_zero)
 
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level in reversed(range(len(channel_mult))):
-            res = level_res[level]
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **kw)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **kw)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **kw)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * channel_mult[level]
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **kw)
-            if level == 0:
-                self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, self.out_channels, 3, init_zero)
-        assert not skips
+        self.enc, cout, skips = build_encoder(self.in_channels, model_channels, channel_mult, level_res, num_blocks,
+                                              attn_resolutions, model_channels, init, kw)
+        self.dec, _ = build_decoder(cout, skips, model_channels, channel_mult, level_res, num_blocks,
+                                    lambda idx, res: idx == num_blocks and res in attn_resolutions, kw, aux_head)
 
     def embed(self, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
               augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Embedding [N, E] from c_noise [N] and the labels (class docstring); float32, autocast off."""
-        n, device = noise_labels.shape[0], noise_labels.device
-        onehot = conditional_onehot(class_labels, self.label_dim, n, device)
-        augment = check_augment_labels(augment_labels, self.augment_dim, n, device)
-        dtype = self.map_layer0.weight.dtype  # float32 (autocast is off: EDM's embedding runs in float32)
-        onehot = onehot.to(dtype) if onehot is not None else None
-        augment = augment.to(dtype) if augment is not None else None
+        device, dtype, onehot, augment = self._embedding_inputs(noise_labels, class_labels, augment_labels)
         with torch.autocast(device_type=device.type, enabled=False):
             emb = self.map_noise(noise_labels).to(dtype)
             if self.map_label is not None:
-                if self.training and self.label_dropout:
-                    keep = torch.rand(n, 1, device=device) >= self.label_dropout
-                    onehot = onehot * keep.to(onehot.dtype)
-                emb = emb + self.map_label(onehot * math.sqrt(self.label_dim))
+                emb = emb + self.map_label(self._drop_labels(onehot) * math.sqrt(self.label_dim))
             if self.map_augment is not None and augment is not None:
                 emb = emb + self.map_augment(augment)
             emb = F.silu(self.map_layer0(emb))
@@ -165,14 +127,7 @@ class DDPMpp(nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: Optional[torch.Tensor] = None,
                 augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        check_image_input("DDPMpp", x, self.in_channels, self.factor)
-        noise_labels = check_noise_labels(noise_labels, x.shape[0], x.device)
-        emb = self.embed(noise_labels, class_labels, augment_labels)
-
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
+        x, emb, skips = self._encode(x, noise_labels, class_labels, augment_labels)
         aux = None
         for name, block in self.dec.items():
             if name.endswith("_aux_norm"):

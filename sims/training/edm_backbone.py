@@ -171,25 +171,24 @@ def edm_tensor_shapes(backbone_class: str, kwargs: Mapping[str, Any],
     emb = mc * k["channel_mult_emb"]
     attn = set(k["attn_resolutions"])
     out: "collections.OrderedDict[str, Tuple[int, ...]]" = collections.OrderedDict()
-    if song:
+
+    def mapping(width: int) -> None:  # map_augment (optional), map_layer0, map_layer1: the nets' shared part
+        if k["augment_dim"]:
+            out["map_augment.weight"] = (width, k["augment_dim"])
+        out["map_layer0.weight"] = (emb, width)
+        out["map_layer0.bias"] = (emb,)
+        out["map_layer1.weight"] = (emb, emb)
+        out["map_layer1.bias"] = (emb,)
+
+    if song:  # EDM's registration order: map_label, map_augment, map_layer0, map_layer1
         noise = mc * k["channel_mult_noise"]
         if k["label_dim"]:
             out["map_label.weight"] = (noise, k["label_dim"])
             out["map_label.bias"] = (noise,)
-        if k["augment_dim"]:
-            out["map_augment.weight"] = (noise, k["augment_dim"])
-        out["map_layer0.weight"] = (emb, noise)
-        out["map_layer0.bias"] = (emb,)
-        out["map_layer1.weight"] = (emb, emb)
-        out["map_layer1.bias"] = (emb,)
+        mapping(noise)
         blk = dict(adaptive=False, resample_proj=True)
-    else:
-        if k["augment_dim"]:
-            out["map_augment.weight"] = (mc, k["augment_dim"])
-        out["map_layer0.weight"] = (emb, mc)
-        out["map_layer0.bias"] = (emb,)
-        out["map_layer1.weight"] = (emb, emb)
-        out["map_layer1.bias"] = (emb,)
+    else:  # map_augment, map_layer0, map_layer1, map_label
+        mapping(mc)
         if k["label_dim"]:
             out["map_label.weight"] = (emb, k["label_dim"])
         blk = dict(adaptive=True, resample_proj=False)
