@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sims.networks.layers import Conv2d, Init, PositionalEmbedding, group_norm, linear
 from sims.networks.unet import EDMUNetBase, build_decoder, build_encoder
@@ -100,16 +99,14 @@ class DDPMpp(EDMUNetBase):
         self.map_layer0 = linear(noise_channels, emb_channels, init)
         self.map_layer1 = linear(emb_channels, emb_channels, init)
 
-        # Encoder and decoder (a decoder level attends in its last block only; level 0 adds the aux head).
-        def aux_head(dec: nn.ModuleDict, level: int, res: int, width: int) -> None:
-            if level == 0:
-                dec[f"{res}x{res}_aux_norm"] = group_norm(width, eps=1e-6)
-                dec[f"{res}x{res}_aux_conv"] = Conv2d(width, self.out_channels, 3, init_zero)
-
+        # Encoder and decoder (a decoder level attends in its last block only), then the aux head at level 0.
         self.enc, cout, skips = build_encoder(self.in_channels, model_channels, channel_mult, level_res, num_blocks,
                                               attn_resolutions, model_channels, init, kw)
-        self.dec, _ = build_decoder(cout, skips, model_channels, channel_mult, level_res, num_blocks,
-                                    lambda idx, res: idx == num_blocks and res in attn_resolutions, kw, aux_head)
+        self.dec, cout = build_decoder(cout, skips, model_channels, channel_mult, level_res, num_blocks,
+                                       lambda idx, res: idx == num_blocks and res in attn_resolutions, kw)
+        res = level_res[0]
+        self.dec[f"{res}x{res}_aux_norm"] = group_norm(cout, eps=1e-6)
+        self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, self.out_channels, 3, init_zero)
 
     def embed(self, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
               augment_labels: Optional[torch.Tensor] = None) -> torch.Tensor:

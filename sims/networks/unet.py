@@ -12,7 +12,7 @@ Written from those descriptions; no code is taken from NVlabs/edm (CC BY-NC-SA 4
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ class EDMUNetBase(nn.Module):
 
     def _setup(self, name: str, img_resolution: int, in_channels: int, out_channels: Optional[int],
                label_dim: int, augment_dim: int, label_dropout: float, channel_mult: Sequence[int],
-               num_blocks: int, attn_resolutions: Sequence[int]) -> Tuple[List[int], List[int], Dict[int, int]]:
+               num_blocks: int, attn_resolutions: Sequence[int]) -> Tuple[List[int], List[int], List[int]]:
         """Store the geometry; returns (channel_mult, attn_resolutions as ints, level → resolution).
 
         Raises:
@@ -89,7 +89,7 @@ class EDMUNetBase(nn.Module):
         return x, emb, skips
 
 
-def build_encoder(in_channels: int, model_channels: int, channel_mult: Sequence[int], level_res: Dict[int, int],
+def build_encoder(in_channels: int, model_channels: int, channel_mult: Sequence[int], level_res: Sequence[int],
                   num_blocks: int, attn_resolutions: Sequence[int], first_width: int, init: Init,
                   kw: dict) -> Tuple[nn.ModuleDict, int, List[int]]:
     """EDM's encoder: ``{R}x{R}_conv`` (3×3, in_channels → first_width) at level 0, ``{R}x{R}_down``
@@ -113,13 +113,12 @@ def build_encoder(in_channels: int, model_channels: int, channel_mult: Sequence[
 
 
 def build_decoder(cout: int, skips: List[int], model_channels: int, channel_mult: Sequence[int],
-                  level_res: Dict[int, int], num_blocks: int, attend: Callable[[int, int], bool], kw: dict,
-                  after_level: Optional[Callable[[nn.ModuleDict, int, int, int], None]] = None
-                  ) -> Tuple[nn.ModuleDict, int]:
+                  level_res: Sequence[int], num_blocks: int, attend: Callable[[int, int], bool],
+                  kw: dict) -> Tuple[nn.ModuleDict, int]:
     """EDM's decoder skeleton: at the lowest level ``{R}x{R}_in0`` (attention) and ``_in1``, else
     ``{R}x{R}_up``; then ``{R}x{R}_block{i}`` (i ≤ num_blocks, input width cout + skips.pop(),
-    attention iff attend(i, R)). after_level(dec, level, R, width) may append a level's extra modules
-    (DDPM++'s aux head at level 0). Returns (dec, last width); all skips must be used.
+    attention iff attend(i, R)). Level 0 comes last, so a head appended to ``dec`` afterwards (DDPM++'s
+    ``aux_norm``/``aux_conv``) follows it in EDM's order. Returns (dec, last width); all skips must be used.
     """
     dec = nn.ModuleDict()
     for level in reversed(range(len(channel_mult))):
@@ -132,8 +131,6 @@ def build_decoder(cout: int, skips: List[int], model_channels: int, channel_mult
         for idx in range(num_blocks + 1):
             cin, cout = cout + skips.pop(), model_channels * channel_mult[level]
             dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attend(idx, res), **kw)
-        if after_level is not None:
-            after_level(dec, level, res, cout)
     assert not skips
     return dec, cout
 
